@@ -1,0 +1,109 @@
+"""Local training of one client for one round, reusing a single inner `Trainer`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from datasets import Dataset
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PrinterCallback, ProgressCallback, Trainer, get_scheduler
+from transformers.trainer_utils import TrainOutput, set_seed
+
+from fed_trainer.callbacks import ClientStepProgressCallback
+from fed_trainer.config import FederatedConfig
+
+
+def _shifted(lr_lambda, offset: int, step: int) -> float:
+    return lr_lambda(step + offset)
+
+
+class ClientTrainer(Trainer):
+    """The `Trainer` that runs every client's local steps on the one shared model.
+
+    Its learning-rate schedule is a window of the schedule of the whole federated run: steps
+    `[offset, offset + local steps)` of `schedule_steps` in all. Its optimizer is created anew for every client.
+    """
+
+    schedule_offset: int = 0
+    schedule_steps: int = 1
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            run_schedule = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(self.schedule_steps),
+                num_training_steps=self.schedule_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+            if not isinstance(run_schedule, LambdaLR):
+                raise ValueError(
+                    f"lr_scheduler_type={self.args.lr_scheduler_type!r} cannot continue across rounds; use a "
+                    "step-based schedule such as 'linear', 'cosine' or 'constant_with_warmup'."
+                )
+            lambdas = [functools.partial(_shifted, f, self.schedule_offset) for f in run_schedule.lr_lambdas]
+            self.lr_scheduler = LambdaLR(optimizer, lambdas)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def client_training_args(args: FederatedConfig) -> FederatedConfig:
+    """The outer config turned into one client's local run: no saving, evaluation, logging or reporting."""
+    return dataclasses.replace(
+        args,
+        max_steps=args.local_steps if args.local_steps is not None else -1,
+        num_train_epochs=args.local_epochs if args.local_epochs is not None else 1.0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        push_to_hub=False,
+        load_best_model_at_end=False,
+        eval_on_start=False,
+    )
+
+
+def local_steps_for(args: FederatedConfig, num_examples: int) -> int:
+    """Optimizer steps one client takes in one round."""
+    if args.local_steps is not None:
+        return args.local_steps
+    batches = math.ceil(num_examples / (args.train_batch_size * args.world_size))
+    return math.ceil(args.local_epochs * max(batches // args.gradient_accumulation_steps, 1))
+
+
+class ClientRunner:
+    """Builds the inner `ClientTrainer` once and trains one client at a time on the shared model."""
+
+    def __init__(self, outer: Trainer) -> None:
+        self.trainer = ClientTrainer(
+            model=outer.model,
+            args=client_training_args(outer.args),
+            data_collator=outer.data_collator,
+            processing_class=outer.processing_class,
+            compute_loss_func=outer.compute_loss_func,
+            optimizer_cls_and_kwargs=outer.optimizer_cls_and_kwargs,
+        )
+        self.trainer.pop_callback(PrinterCallback)
+        self.trainer.pop_callback(ProgressCallback)
+        if type(outer).compute_loss is not Trainer.compute_loss:
+            self.trainer.compute_loss = outer.compute_loss
+        self.last_learning_rate = outer.args.learning_rate
+        self.progress = ClientStepProgressCallback()
+        if not outer.args.disable_tqdm:
+            self.trainer.add_callback(self.progress)
+
+    def train(self, dataset: Dataset, client_id, seed: int, offset: int, schedule_steps: int) -> TrainOutput:
+        """Run one client's local training from the model's current weights, with a fresh optimizer."""
+        trainer = self.trainer
+        trainer.train_dataset = dataset
+        trainer.optimizer = trainer.lr_scheduler = None
+        trainer.schedule_offset, trainer.schedule_steps = offset, schedule_steps
+        self.progress.description = f"client {client_id}"
+        set_seed(seed)
+        output = trainer.train()
+        self.last_learning_rate = trainer._get_learning_rate()
+        trainer.optimizer = trainer.lr_scheduler = None
+        return output

@@ -1,0 +1,139 @@
+"""`FederatedConfig`: `TrainingArguments` plus the federated knobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+PARTITION_METHODS = ("iid", "dirichlet", "shards")
+CLIENT_WEIGHTINGS = ("num_examples", "uniform")
+
+
+def _deepspeed_zero_stage(deepspeed: Any) -> int:
+    """The ZeRO stage named by a `TrainingArguments.deepspeed` value (a dict or a JSON path), 0 if none."""
+    if deepspeed is None:
+        return 0
+    if isinstance(deepspeed, str):
+        with open(deepspeed, encoding="utf-8") as f:
+            deepspeed = json.load(f)
+    stage = deepspeed.get("zero_optimization", {}).get("stage", 0)
+    return int(stage) if str(stage).isdigit() else 0
+
+
+@dataclass
+class FederatedConfig(TrainingArguments):
+    """Training arguments for [`FederatedTrainer`].
+
+    Every `TrainingArguments` field keeps its meaning for the *local* training of one client (optimizer,
+    learning rate, batch size, ...). The fields below describe the federation. The learning-rate schedule spans
+    the whole run (`num_rounds * local_steps` optimizer steps), so round `t` continues where round `t-1`
+    ended; the client optimizer state (e.g. Adam moments, GaLore projectors) is fresh every round.
+    `max_steps` and `num_train_epochs` are not used: the run length is `num_rounds` x `local_steps`.
+    """
+
+    num_clients: int = field(default=10, metadata={"help": "Number of clients the training data is split into."})
+    clients_per_round: int | None = field(
+        default=None, metadata={"help": "Clients sampled (without replacement) each round; default: all clients."}
+    )
+    num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
+    local_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps each client takes per round (default 10 unless local_epochs is set)."},
+    )
+    local_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs over its own shard each client takes per round (instead of steps)."}
+    )
+    strategy: str = field(
+        default="fedavg", metadata={"help": "Aggregation strategy, a name from `fed_trainer.available_strategies()`."}
+    )
+    partition: str = field(
+        default="iid",
+        metadata={"help": "How train_dataset is split: 'iid', 'dirichlet', 'shards', or 'column:<name>'."},
+    )
+    partition_alpha: float = field(
+        default=0.5, metadata={"help": "Dirichlet concentration for partition='dirichlet' (smaller: more skewed)."}
+    )
+    partition_label_column: str = field(
+        default="label", metadata={"help": "Label column used by the 'dirichlet' and 'shards' partitions."}
+    )
+    client_weighting: str = field(
+        default="num_examples",
+        metadata={"help": "Aggregation weights: 'num_examples' (p_k = n_k / sum n) or 'uniform' (p_k = 1/K)."},
+    )
+    eval_every_rounds: int = field(
+        default=1, metadata={"help": "Evaluate the global model every N rounds (0: only after the last round)."}
+    )
+    save_every_rounds: int = field(
+        default=0, metadata={"help": "Save the global model to output_dir/round-N every N rounds (0: never)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients must be at least 1, got {self.num_clients}.")
+        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} must be between 1 and num_clients={self.num_clients}; "
+                "leave it unset to train every client each round."
+            )
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("Set either local_steps or local_epochs, not both.")
+        if self.local_steps is None and self.local_epochs is None:
+            self.local_steps = 10
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"local_steps must be at least 1, got {self.local_steps}.")
+        if self.local_epochs is not None and self.local_epochs <= 0:
+            raise ValueError(f"local_epochs must be positive, got {self.local_epochs}.")
+        self._check_partition()
+        if self.client_weighting not in CLIENT_WEIGHTINGS:
+            raise ValueError(f"client_weighting must be one of {CLIENT_WEIGHTINGS}, got {self.client_weighting!r}.")
+        if self.eval_every_rounds < 0 or self.save_every_rounds < 0:
+            raise ValueError("eval_every_rounds and save_every_rounds must be >= 0 (0 turns the periodic run off).")
+        from fed_trainer.strategies import available_strategies
+
+        if self.strategy not in available_strategies():
+            raise ValueError(
+                f"Unknown strategy {self.strategy!r}; choose one of {available_strategies()} "
+                "or register your own with fed_trainer.register_strategy."
+            )
+        self._check_galore()
+        if self.max_steps > 0:
+            logger.warning(
+                "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",
+                self.max_steps,
+            )
+
+    def _check_partition(self) -> None:
+        if self.partition.startswith("column:"):
+            if not self.partition[len("column:") :]:
+                raise ValueError("partition='column:<name>' needs a column name, e.g. 'column:user_id'.")
+        elif self.partition not in PARTITION_METHODS:
+            raise ValueError(
+                f"partition must be one of {PARTITION_METHODS} or 'column:<name>', got {self.partition!r}."
+            )
+        if self.partition_alpha <= 0:
+            raise ValueError(f"partition_alpha must be positive, got {self.partition_alpha}.")
+
+    def _check_galore(self) -> None:
+        optim = str(getattr(self.optim, "value", self.optim))
+        if "galore" not in optim:
+            return
+        if _deepspeed_zero_stage(self.deepspeed) >= 1:
+            raise ValueError(
+                "GaLore does not work under DeepSpeed ZeRO (its projector would see flattened 1-D partitions). "
+                "Drop the deepspeed config to train GaLore clients, or keep ZeRO and use optim='adamw_torch'."
+            )
+        if optim.endswith("layerwise"):
+            raise ValueError(
+                f"optim={optim!r} (layer-wise GaLore) is not supported for federated clients: it attaches optimizer "
+                "hooks to the shared model, refuses gradient accumulation and DDP, and keeps a per-parameter "
+                "schedule that cannot continue across rounds. Use optim='galore_adamw' instead."
+            )

@@ -1,0 +1,286 @@
+"""`FederatedTrainer`: a `Trainer` that runs federated rounds of client training and server aggregation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from datasets import Dataset
+from torch import nn
+from transformers import ProgressCallback, Trainer, TrainerState
+from transformers.trainer_utils import TrainOutput, speed_metrics
+from transformers.utils import logging
+
+from fed_trainer.callbacks import AggregationCallback, RoundProgressCallback, call_federated_event
+from fed_trainer.client import ClientRunner, local_steps_for
+from fed_trainer.config import FederatedConfig
+from fed_trainer.partition import partition_dataset
+from fed_trainer.strategies import Strategy, get_strategy
+
+logger = logging.get_logger(__name__)
+
+
+class FederatedTrainer(Trainer):
+    """A drop-in `Trainer` for federated fine-tuning.
+
+    Takes `Trainer`'s arguments (with a [`FederatedConfig`] as `args`) plus:
+
+    Args:
+        client_datasets: the clients' private data, a list (clients `0..K-1`) or a dict (client id -> dataset).
+            If not given, `train_dataset` is split per `args.partition`.
+        strategy: a [`Strategy`] instance; overrides `args.strategy`.
+
+    `train()` runs `args.num_rounds` rounds. In each, `args.clients_per_round` clients (all by default) are
+    sampled; each starts from the global model, trains `args.local_steps` steps with `args.optim` and a fresh
+    optimizer, and the strategy aggregates their updates, streaming, into the new global model. One model lives in
+    memory whatever the number of clients. `state.log_history` gets one entry per round (key `"round"`) with the
+    mean client train loss, the bytes exchanged, and the eval metrics when due.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: FederatedConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        *,
+        client_datasets: Sequence[Dataset] | Mapping[object, Dataset] | None = None,
+        strategy: Strategy | None = None,
+    ) -> None:
+        if args is None:
+            args = FederatedConfig(output_dir="fed_trainer_output")
+        if not isinstance(args, FederatedConfig):
+            raise TypeError(
+                f"FederatedTrainer needs a FederatedConfig as args, got {type(args).__name__}: build it with "
+                "FederatedConfig(**training_args.to_dict(), num_clients=..., num_rounds=...)."
+            )
+        if model_init is not None:
+            raise ValueError("FederatedTrainer does not support model_init: pass the initial global model as model.")
+        if any(o is not None for o in optimizers):
+            raise ValueError(
+                "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
+                "optimizer instances: pass optimizer_cls_and_kwargs=(OptimizerClass, kwargs) instead."
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.strategy = strategy if strategy is not None else get_strategy(args.strategy)
+        self.client_datasets = self._client_datasets(client_datasets, train_dataset)
+        if args.clients_per_round is not None and args.clients_per_round > len(self.client_datasets):
+            raise ValueError(
+                f"clients_per_round={args.clients_per_round} exceeds the {len(self.client_datasets)} clients given; "
+                "lower clients_per_round."
+            )
+        self.aggregation = AggregationCallback(self.strategy)
+        self.callback_handler.callbacks.insert(0, self.aggregation)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(RoundProgressCallback)
+        self._round_logs: dict | None = None
+
+    def _client_datasets(self, client_datasets, train_dataset) -> dict[object, Dataset]:
+        args = self.args
+        if client_datasets is None:
+            if train_dataset is None:
+                raise ValueError("FederatedTrainer needs client_datasets, or a train_dataset to partition.")
+            client_datasets = partition_dataset(
+                train_dataset,
+                args.num_clients,
+                method=args.partition,
+                alpha=args.partition_alpha,
+                label_column=args.partition_label_column,
+                seed=args.seed,
+            )
+        if isinstance(client_datasets, Mapping):
+            clients = dict(client_datasets)
+        elif isinstance(client_datasets, Sequence):
+            clients = dict(enumerate(client_datasets))
+        else:
+            raise TypeError(f"client_datasets must be a list or a dict of datasets, got {type(client_datasets)}.")
+        if not clients:
+            raise ValueError("client_datasets is empty: give at least one client.")
+        empty = [cid for cid, ds in clients.items() if len(ds) == 0]
+        if empty:
+            raise ValueError(f"Clients {empty} have no examples: drop them from client_datasets.")
+        if len(clients) != args.num_clients:
+            logger.info(f"Training {len(clients)} clients from client_datasets (args.num_clients={args.num_clients}).")
+        return clients
+
+    def sample_clients(self, round_number: int) -> list:
+        """The ids of the clients trained in round `round_number` (1-based), the same for the same seed."""
+        ids = list(self.client_datasets)
+        count = self.args.clients_per_round or len(ids)
+        if count >= len(ids):
+            return ids
+        rng = np.random.default_rng((self.args.seed, round_number))
+        return [ids[i] for i in sorted(rng.choice(len(ids), size=count, replace=False))]
+
+    def client_weights(self, client_ids: list) -> dict:
+        """Aggregation weight p_k of each client of a round: n_k / sum n (default), or uniform."""
+        if self.args.client_weighting == "uniform":
+            return {cid: 1.0 / len(client_ids) for cid in client_ids}
+        total = sum(len(self.client_datasets[cid]) for cid in client_ids)
+        return {cid: len(self.client_datasets[cid]) / total for cid in client_ids}
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> TrainOutput:
+        """Run `args.num_rounds` federated rounds; returns a `TrainOutput` (schedule steps, mean client loss)."""
+        if resume_from_checkpoint:
+            raise ValueError("Resuming a federated run from a checkpoint is not supported yet; start a new run.")
+        args = self.args
+        self.is_in_train = True
+        self.model = self.model_wrapped = self.strategy.setup(self.model, args)
+        runner = ClientRunner(self)
+        steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
+        self.state = TrainerState(
+            max_steps=args.num_rounds * steps_per_round,
+            is_local_process_zero=self.is_local_process_zero(),
+            is_world_process_zero=self.is_world_process_zero(),
+        )
+        self.state.epoch = None
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        start_time = time.time()
+        total_up = total_down = 0
+        round_losses = []
+        for round_number in range(1, args.num_rounds + 1):
+            logs = self._run_round(round_number, runner, steps_per_round)
+            total_up += logs["bytes_up"]
+            total_down += logs["bytes_down"]
+            logs.update(total_bytes_up=total_up, total_bytes_down=total_down)
+            round_losses.append(logs["train_loss"])
+            if self._evaluation_due(round_number) and self.eval_dataset is not None:
+                with self._merged_into(logs):
+                    self.evaluate(ignore_keys=ignore_keys_for_eval)
+            self.log(logs)
+            if args.save_every_rounds and round_number % args.save_every_rounds == 0:
+                self.save_model(os.path.join(args.output_dir, f"round-{round_number}"))
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        self.is_in_train = False
+        metrics = speed_metrics("train", start_time, num_steps=self.state.global_step)
+        metrics.update(train_loss=float(np.mean(round_losses)), total_bytes_up=total_up, total_bytes_down=total_down)
+        self.log(dict(metrics))
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _run_round(self, round_number: int, runner: ClientRunner, steps_per_round: int) -> dict:
+        args, state = self.args, self.state
+        client_ids = self.sample_clients(round_number)
+        weights = self.client_weights(client_ids)
+        self.control = call_federated_event(
+            self.callback_handler, "on_round_begin", args, state, self.control,
+            round=round_number, client_ids=client_ids, client_weights=weights,
+        )  # fmt: skip
+        losses = []
+        for position, client_id in enumerate(client_ids):
+            dataset = self.client_datasets[client_id]
+            event = dict(client_id=client_id, model=self.model, num_examples=len(dataset))
+            self.control = call_federated_event(
+                self.callback_handler, "on_client_begin", args, state, self.control, **event
+            )
+            output = runner.train(
+                dataset,
+                client_id,
+                seed=args.seed + (round_number - 1) * len(self.client_datasets) + position,
+                offset=(round_number - 1) * steps_per_round,
+                schedule_steps=state.max_steps,
+            )
+            losses.append(output.training_loss)
+            self.control = call_federated_event(
+                self.callback_handler, "on_client_end", args, state, self.control, **event, metrics=output.metrics
+            )
+        state.global_step = round_number * steps_per_round
+        logs = {
+            "round": round_number,
+            "train_loss": float(np.mean(losses)),
+            "learning_rate": runner.last_learning_rate,
+            "num_clients": len(client_ids),
+        }
+        self.control = call_federated_event(
+            self.callback_handler, "on_round_end", args, state, self.control,
+            round=round_number, model=self.model, metrics=logs,
+        )  # fmt: skip
+        logs.update(bytes_up=self.aggregation.round_bytes_up, bytes_down=self.aggregation.round_bytes_down)
+        return logs
+
+    def _evaluation_due(self, round_number: int) -> bool:
+        every = self.args.eval_every_rounds
+        return round_number == self.args.num_rounds or (every > 0 and round_number % every == 0)
+
+    @contextlib.contextmanager
+    def _merged_into(self, logs: dict):
+        """Route what `log()` receives into `logs`, so a round is one entry of `log_history`."""
+        self._round_logs = logs
+        try:
+            yield
+        finally:
+            self._round_logs = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._round_logs is not None:
+            self._round_logs.update(logs)
+            return
+        super().log(logs, start_time)
+
+    def merged_model(self) -> nn.Module:
+        """The global model as a plain transformers model (adapters and residuals folded in)."""
+        return self.strategy.merged_model(self.accelerator.unwrap_model(self.model))
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        model = self.model
+        self.model = self.merged_model()
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.model = model
+
+    def create_model_card(self, **kwargs) -> None:
+        """Trainer's model card plus a section stating the federated set-up and final metrics."""
+        super().create_model_card(**kwargs)
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        rounds = [entry for entry in self.state.log_history if "round" in entry]
+        final = {k: v for k, v in (rounds[-1] if rounds else {}).items() if k.startswith("eval_") or k == "train_loss"}
+        lines = [
+            "",
+            "## Federated training",
+            "",
+            "Trained with [fed_trainer](https://pypi.org/project/fed-trainer/)'s `FederatedTrainer`.",
+            "",
+            f"- strategy: `{self.strategy.name}`",
+            f"- local optimizer: `{getattr(args.optim, 'value', args.optim)}`",
+            f"- rounds: {len(rounds)} of {args.num_rounds}",
+            f"- clients: {len(self.client_datasets)} ({args.clients_per_round or len(self.client_datasets)} per round)",
+            f"- local steps per round: {args.local_steps if args.local_steps is not None else args.local_epochs}"
+            + (" epochs" if args.local_steps is None else ""),
+            f"- partition: `{args.partition}`" + (f" (alpha={args.partition_alpha})" if args.partition == "dirichlet" else ""),
+            f"- client weighting: `{args.client_weighting}`",
+            "",
+            "Final metrics of the global model:",
+            "",
+            *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in final.items()],
+            "",
+        ]
+        with open(os.path.join(args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+            f.write("\n".join(lines))
