@@ -109,7 +109,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, seed: int) -> DatasetDic
                 f"Could not load GLUE task {data_args.task_name!r} from the Hub ({err}). Offline, use --train_file "
                 "and --validation_file, or run with no data arguments for the bundled BBC News default."
             ) from err
-        return DatasetDict(train=raw["train"], validation=raw["validation_matched" if data_args.task_name == "mnli" else "validation"])
+        return DatasetDict(
+            train=raw["train"], validation=raw["validation_matched" if data_args.task_name == "mnli" else "validation"]
+        )
     if data_args.train_file is not None:
         files = {"train": data_args.train_file}
         if data_args.validation_file is not None:

@@ -17,10 +17,11 @@ FEDERATED_EVENTS = ("on_round_begin", "on_client_begin", "on_client_end", "on_ro
 class FederatedCallback(TrainerCallback):
     """A `TrainerCallback` that also hears the federated events.
 
-    Events of one round, in order: `on_round_begin(round, client_ids)`, then for every sampled client
-    `on_client_begin(client_id, model, num_examples)` and `on_client_end(client_id, model, num_examples,
-    metrics)`, then `on_round_end(round, model, metrics)`. `model` in the client events is the client's model as it
-    starts / ends local training (before aggregation); in `on_round_end` it is the new global model.
+    Events of one round, in order: `on_round_begin(round, client_ids, client_weights)`, then for every sampled
+    client `on_client_begin(client_id, model, num_examples)` and `on_client_end(client_id, model, num_examples,
+    metrics, optimizer)`, then `on_round_end(round, model, metrics)`. Rounds count from 1. `model` in the client
+    events is the client's model as it starts / ends local training (before aggregation); in `on_round_end` it is
+    the new global model.
     The usual Trainer events (`on_train_begin`, `on_log`, `on_evaluate`, `on_save`, ...) fire as with `Trainer`.
     """
 
@@ -38,7 +39,12 @@ class FederatedCallback(TrainerCallback):
 
 
 def call_federated_event(
-    handler: CallbackHandler, event: str, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    handler: CallbackHandler,
+    event: str,
+    args: TrainingArguments,
+    state: TrainerState,
+    control: TrainerControl,
+    **kwargs,
 ) -> TrainerControl:
     """Send a federated event to every callback that defines it, in the handler's order."""
     for callback in handler.callbacks:
@@ -110,9 +116,7 @@ class ClientStepProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(
-                total=state.max_steps, desc=self.description, leave=False, dynamic_ncols=True
-            )
+            self.bar = tqdm(total=state.max_steps, desc=self.description, leave=False, dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

