@@ -8,7 +8,7 @@ import math
 
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PrinterCallback, ProgressCallback, Trainer, get_scheduler
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, get_scheduler
 from transformers.trainer_utils import TrainOutput, set_seed
 
 from fed_trainer.callbacks import ClientStepProgressCallback
@@ -50,10 +50,10 @@ class ClientTrainer(Trainer):
         return self.lr_scheduler
 
 
-def client_training_args(args: FederatedConfig) -> FederatedConfig:
-    """The outer config turned into one client's local run: no saving, evaluation, logging or reporting."""
-    return dataclasses.replace(
-        args,
+def client_training_args(args: FederatedConfig) -> TrainingArguments:
+    """The outer config as plain `TrainingArguments` for one local run: no saving, eval, logging or reports."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    values.update(
         max_steps=args.local_steps if args.local_steps is not None else -1,
         num_train_epochs=args.local_epochs if args.local_epochs is not None else 1.0,
         eval_strategy="no",
@@ -64,6 +64,7 @@ def client_training_args(args: FederatedConfig) -> FederatedConfig:
         load_best_model_at_end=False,
         eval_on_start=False,
     )
+    return TrainingArguments(**values)
 
 
 def local_steps_for(args: FederatedConfig, num_examples: int) -> int:

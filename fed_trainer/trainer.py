@@ -169,7 +169,7 @@ class FederatedTrainer(Trainer):
             logs.update(total_bytes_up=total_up, total_bytes_down=total_down)
             round_losses.append(logs["train_loss"])
             if self._evaluation_due(round_number) and self.eval_dataset is not None:
-                with self._merged_into(logs):
+                with self._logging_into(logs):
                     self.evaluate(ignore_keys=ignore_keys_for_eval)
             self.log(logs)
             if args.save_every_rounds and round_number % args.save_every_rounds == 0:
@@ -230,7 +230,7 @@ class FederatedTrainer(Trainer):
         return round_number == self.args.num_rounds or (every > 0 and round_number % every == 0)
 
     @contextlib.contextmanager
-    def _merged_into(self, logs: dict):
+    def _logging_into(self, logs: dict):
         """Route what `log()` receives into `logs`, so a round is one entry of `log_history`."""
         self._round_logs = logs
         try:

@@ -220,3 +220,23 @@ def test_bad_trainer_inputs_raise_clear_errors(make_config, tmp_path):
         FederatedTrainer(model=tiny_bert(), args=make_config(), client_datasets={"a": data, "b": data.select([])})
     with pytest.raises(ValueError, match="clients_per_round=3 exceeds the 2 clients"):
         FederatedTrainer(model=tiny_bert(), args=make_config(clients_per_round=3), client_datasets=[data, data])
+
+
+def test_local_epochs_train_each_client_over_its_own_shard(make_config):
+    recorder = Recorder()
+    steps = []
+
+    class StepCounter(FederatedCallback):
+        def on_client_end(self, args, state, control, optimizer=None, **kwargs):
+            steps.append(next(iter(optimizer.state.values()))["step"].item())
+
+    trainer = FederatedTrainer(
+        model=tiny_bert(),
+        args=make_config(local_steps=None, local_epochs=1.0, num_rounds=2, per_device_train_batch_size=4),
+        client_datasets=[toy_dataset(8, 1), toy_dataset(24, 2)],
+        callbacks=[recorder, StepCounter()],
+    )
+    output = trainer.train()
+    assert steps == [2, 6, 2, 6]
+    # the schedule runs over the longest client's steps per round
+    assert output.global_step == 12 and trainer.state.max_steps == 12
