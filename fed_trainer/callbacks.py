@@ -68,10 +68,10 @@ class AggregationCallback(FederatedCallback):
         self.round_bytes_up = 0
         self.round_bytes_down = 0
 
-    def on_round_begin(self, args, state, control, client_weights=None, **kwargs):
+    def on_round_begin(self, args, state, control, round=None, client_weights=None, **kwargs):
         self.client_weights = client_weights
         self.round_bytes_up = self.round_bytes_down = 0
-        self.strategy.begin_round()
+        self.strategy.begin_round(round)
 
     def on_client_begin(self, args, state, control, client_id=None, model=None, **kwargs):
         message = self.strategy.server_message(client_id)
@@ -81,7 +81,7 @@ class AggregationCallback(FederatedCallback):
     def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
         payload = self.strategy.client_payload(model, client_id)
         self.round_bytes_up += tensor_bytes(payload)
-        self.strategy.aggregate(payload, self.client_weights[client_id])
+        self.strategy.aggregate(payload, self.client_weights[client_id], client_id)
 
     def on_round_end(self, args, state, control, model=None, **kwargs):
         self.strategy.finish_round(model)

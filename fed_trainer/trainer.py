@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from datasets import Dataset
+from peft import LoraConfig
 from torch import nn
 from transformers import ProgressCallback, Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput, speed_metrics
@@ -23,6 +25,35 @@ from fed_trainer.strategies import Strategy, get_strategy
 logger = logging.get_logger(__name__)
 
 
+def client_datasets_from(args: FederatedConfig, client_datasets, train_dataset) -> dict[object, Dataset]:
+    """Client id -> dataset, from `client_datasets` (list or dict) or by partitioning `train_dataset`."""
+    if client_datasets is None:
+        if train_dataset is None:
+            raise ValueError("FederatedTrainer needs client_datasets, or a train_dataset to partition.")
+        client_datasets = partition_dataset(
+            train_dataset,
+            args.num_clients,
+            method=args.partition,
+            alpha=args.partition_alpha,
+            label_column=args.partition_label_column,
+            seed=args.seed,
+        )
+    if isinstance(client_datasets, Mapping):
+        clients = dict(client_datasets)
+    elif isinstance(client_datasets, Sequence):
+        clients = dict(enumerate(client_datasets))
+    else:
+        raise TypeError(f"client_datasets must be a list or a dict of datasets, got {type(client_datasets)}.")
+    if not clients:
+        raise ValueError("client_datasets is empty: give at least one client.")
+    empty = [cid for cid, ds in clients.items() if len(ds) == 0]
+    if empty:
+        raise ValueError(f"Clients {empty} have no examples: drop them from client_datasets.")
+    if len(clients) != args.num_clients:
+        logger.info(f"Training {len(clients)} clients from client_datasets (args.num_clients={args.num_clients}).")
+    return clients
+
+
 class FederatedTrainer(Trainer):
     """A drop-in `Trainer` for federated fine-tuning.
 
@@ -32,6 +63,10 @@ class FederatedTrainer(Trainer):
         client_datasets: the clients' private data, a list (clients `0..K-1`) or a dict (client id -> dataset).
             If not given, `train_dataset` is split per `args.partition`.
         strategy: a [`Strategy`] instance; overrides `args.strategy`.
+        peft_config: a `LoraConfig` for every client, with a LoRA strategy (`fedit`, `ffa_lora`, `flexlora`,
+            `fedex_lora`, `flora`).
+        client_peft_configs: per-client LoRA configs, a dict client id -> `LoraConfig`, or a list of ranks (one
+            per client, in client order) applied to `peft_config`. Different ranks need `flexlora` or `flora`.
 
     `train()` runs `args.num_rounds` rounds. In each, `args.clients_per_round` clients (all by default) are
     sampled; each starts from the global model, trains `args.local_steps` steps with `args.optim` and a fresh
@@ -58,6 +93,8 @@ class FederatedTrainer(Trainer):
         *,
         client_datasets: Sequence[Dataset] | Mapping[object, Dataset] | None = None,
         strategy: Strategy | None = None,
+        peft_config: LoraConfig | None = None,
+        client_peft_configs: Mapping[object, LoraConfig] | Sequence[int] | None = None,
     ) -> None:
         if args is None:
             args = FederatedConfig(output_dir="fed_trainer_output")
@@ -73,6 +110,15 @@ class FederatedTrainer(Trainer):
                 "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
                 "optimizer instances: pass optimizer_cls_and_kwargs=(OptimizerClass, kwargs) instead."
             )
+        self.strategy = strategy if strategy is not None else get_strategy(args.strategy)
+        self.client_datasets = client_datasets_from(args, client_datasets, train_dataset)
+        if args.clients_per_round is not None and args.clients_per_round > len(self.client_datasets):
+            raise ValueError(
+                f"clients_per_round={args.clients_per_round} exceeds the {len(self.client_datasets)} clients given; "
+                "lower clients_per_round."
+            )
+        peft_configs = self._peft_configs(peft_config, client_peft_configs)
+        model = self.strategy.setup(model, args, peft_configs)
         super().__init__(
             model=model,
             args=args,
@@ -86,46 +132,34 @@ class FederatedTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self.strategy = strategy if strategy is not None else get_strategy(args.strategy)
-        self.client_datasets = self._client_datasets(client_datasets, train_dataset)
-        if args.clients_per_round is not None and args.clients_per_round > len(self.client_datasets):
-            raise ValueError(
-                f"clients_per_round={args.clients_per_round} exceeds the {len(self.client_datasets)} clients given; "
-                "lower clients_per_round."
-            )
         self.aggregation = AggregationCallback(self.strategy)
         self.callback_handler.callbacks.insert(0, self.aggregation)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RoundProgressCallback)
         self._round_logs: dict | None = None
 
-    def _client_datasets(self, client_datasets, train_dataset) -> dict[object, Dataset]:
-        args = self.args
-        if client_datasets is None:
-            if train_dataset is None:
-                raise ValueError("FederatedTrainer needs client_datasets, or a train_dataset to partition.")
-            client_datasets = partition_dataset(
-                train_dataset,
-                args.num_clients,
-                method=args.partition,
-                alpha=args.partition_alpha,
-                label_column=args.partition_label_column,
-                seed=args.seed,
+    def _peft_configs(self, peft_config, client_peft_configs) -> dict | None:
+        """One `LoraConfig` per client id, or None without LoRA; refuses LoRA configs for a full-weight strategy."""
+        if peft_config is None and client_peft_configs is None:
+            return None
+        if not self.strategy.uses_lora:
+            raise ValueError(
+                f"strategy {self.strategy.name!r} averages full weights and takes no peft_config: choose a LoRA "
+                "strategy ('fedit', 'ffa_lora', 'flexlora', 'fedex_lora', 'flora') or drop the peft_config."
             )
-        if isinstance(client_datasets, Mapping):
-            clients = dict(client_datasets)
-        elif isinstance(client_datasets, Sequence):
-            clients = dict(enumerate(client_datasets))
-        else:
-            raise TypeError(f"client_datasets must be a list or a dict of datasets, got {type(client_datasets)}.")
-        if not clients:
-            raise ValueError("client_datasets is empty: give at least one client.")
-        empty = [cid for cid, ds in clients.items() if len(ds) == 0]
-        if empty:
-            raise ValueError(f"Clients {empty} have no examples: drop them from client_datasets.")
-        if len(clients) != args.num_clients:
-            logger.info(f"Training {len(clients)} clients from client_datasets (args.num_clients={args.num_clients}).")
-        return clients
+        ids = list(self.client_datasets)
+        if client_peft_configs is None:
+            return dict.fromkeys(ids, peft_config)
+        if isinstance(client_peft_configs, Mapping):
+            missing = [cid for cid in ids if cid not in client_peft_configs]
+            if missing:
+                raise ValueError(f"client_peft_configs has no LoraConfig for clients {missing}.")
+            return {cid: client_peft_configs[cid] for cid in ids}
+        if peft_config is None:
+            raise ValueError("client_peft_configs given as ranks needs peft_config, the LoraConfig they apply to.")
+        if len(client_peft_configs) != len(ids):
+            raise ValueError(f"client_peft_configs lists {len(client_peft_configs)} ranks for {len(ids)} clients.")
+        return {cid: dataclasses.replace(peft_config, r=int(r)) for cid, r in zip(ids, client_peft_configs)}
 
     def sample_clients(self, round_number: int) -> list:
         """The ids of the clients trained in round `round_number` (1-based), the same for the same seed."""
@@ -149,7 +183,6 @@ class FederatedTrainer(Trainer):
             raise ValueError("Resuming a federated run from a checkpoint is not supported yet; start a new run.")
         args = self.args
         self.is_in_train = True
-        self.model = self.model_wrapped = self.strategy.setup(self.model, args)
         runner = ClientRunner(self)
         steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
         self.state = TrainerState(

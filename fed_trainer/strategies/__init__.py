@@ -2,10 +2,22 @@
 
 from fed_trainer.strategies.base import Strategy, TensorDict, tensor_bytes
 from fed_trainer.strategies.fedavg import FedAvg
+from fed_trainer.strategies.fedex_lora import FedExLoRA
+from fed_trainer.strategies.fedit import FedIT
+from fed_trainer.strategies.ffa_lora import FFALoRA
+from fed_trainer.strategies.flexlora import FlexLoRA
+from fed_trainer.strategies.flora import FLoRA
+from fed_trainer.strategies.lora import LoraStrategy
 from fed_trainer.strategies.registry import available_strategies, get_strategy, register_strategy
 
 __all__ = [
+    "FFALoRA",
+    "FLoRA",
     "FedAvg",
+    "FedExLoRA",
+    "FedIT",
+    "FlexLoRA",
+    "LoraStrategy",
     "Strategy",
     "TensorDict",
     "available_strategies",

@@ -33,13 +33,17 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    uses_lora: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.args: FederatedConfig | None = None
         self._sum: TensorDict | None = None
 
-    def setup(self, model: nn.Module, args: FederatedConfig) -> nn.Module:
-        """Called once before the first round with the initial global model; returns the model to train."""
+    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
+        """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
+
+        Returns the model to train (a LoRA strategy wraps it in a `PeftModel`).
+        """
         self.args = args
         return model
 
@@ -59,13 +63,13 @@ class Strategy(ABC):
     def finish_round(self, model: nn.Module) -> None:
         """Turn the aggregate of this round into the new global state and load it into `model`."""
 
-    def begin_round(self) -> None:
-        """Reset the running aggregate (buffers are kept and zeroed, not reallocated)."""
+    def begin_round(self, round_number: int) -> None:
+        """Called with the round number (from 1) before the round's first client; zeroes the running aggregate."""
         if self._sum is not None:
             for t in self._sum.values():
                 t.zero_()
 
-    def aggregate(self, payload: TensorDict, weight: float) -> None:
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         """Add `weight * payload` to the running sum, in float32 whatever the payload's dtype."""
         if self._sum is None:
             self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in payload.items()}

@@ -24,25 +24,34 @@ def trainable_state(model: nn.Module) -> TensorDict:
 
 @register_strategy("fedavg")
 class FedAvg(Strategy):
-    """Weighted average of the clients' full weights; exact, uplink out*in per layer."""
+    """Weighted average of the clients' trainable weights; exact, uplink out*in per layer.
 
-    def setup(self, model: nn.Module, args: FederatedConfig) -> nn.Module:
+    Subclasses narrow what is averaged with `averaged_state` and add their own tensors around it.
+    """
+
+    def averaged_state(self, model: nn.Module) -> TensorDict:
+        """The live tensors that are sent both ways and averaged with weights p_k."""
+        return trainable_state(model)
+
+    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args)
-        self.global_state = {name: t.detach().clone() for name, t in trainable_state(model).items()}
+        self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
         return model
 
     def server_message(self, client_id) -> TensorDict:
-        return self.global_state
+        return dict(self.global_state)
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
-        live = trainable_state(model)
+        """Copy the averaged tensors of `message` into `model` (other entries are the subclass's to load)."""
+        live = self.averaged_state(model)
         for name, value in message.items():
-            live[name].data.copy_(value)
+            if name in live:
+                live[name].data.copy_(value)
 
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
-        return trainable_state(model)
+        return self.averaged_state(model)
 
     def finish_round(self, model: nn.Module) -> None:
-        for name, value in self._sum.items():
-            self.global_state[name].copy_(value)
-        self.load_client(model, self.global_state, client_id=None)
+        for name, value in self.global_state.items():
+            value.copy_(self._sum[name])
+        FedAvg.load_client(self, model, self.global_state, client_id=None)

@@ -1,0 +1,45 @@
+"""FedEx-LoRA (Singhal et al., 2025): FedIT's averaged A and B plus the exact residual folded into W0.
+
+R = sum_k p_k s B_k A_k - s B A (B, A the averages) is added to the frozen base weight, so the global model is
+exactly sum_k p_k W_k. Uplink r(out+in) per layer; the downlink adds the dense base update (out*in).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.lora import ADAPTER, LoraStrategy, factor_names, fold_into_base, lora_factors
+from fed_trainer.strategies.registry import register_strategy
+
+
+@register_strategy("fedex_lora")
+class FedExLoRA(LoraStrategy):
+    def begin_round(self, round_number: int) -> None:
+        super().begin_round(round_number)
+        self._products: dict[str, torch.Tensor] = {}
+
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        super().aggregate(payload, weight, client_id)
+        coefficient = weight * self.scaling(client_id)
+        for name in self.layers:
+            a, b = (payload[key].detach().float() for key in factor_names(name))
+            product = (b @ a).mul_(coefficient)
+            if name in self._products:
+                self._products[name].add_(product)
+            else:
+                self._products[name] = product
+
+    def server_message(self, client_id) -> TensorDict:
+        message = super().server_message(client_id)
+        if self.round_number > 1:  # the base weights have moved: clients need the dense residual
+            message.update({f"{name}.base": layer.get_base_layer().weight for name, layer in self.layers.items()})
+        return message
+
+    def finish_round(self, model: nn.Module) -> None:
+        super().finish_round(model)
+        for name, layer in self.layers.items():
+            a, b = lora_factors(layer)  # now the averaged factors
+            residual = self._products[name] - layer.scaling[ADAPTER] * (b.detach().float() @ a.detach().float())
+            fold_into_base(layer, residual)

@@ -1,0 +1,23 @@
+"""FFA-LoRA (Sun et al., 2024): LoRA A frozen and identical everywhere, only B trained and averaged.
+
+With one A for all, sum_k p_k (W0 + s B_k A) = W0 + s (sum_k p_k B_k) A: averaging B is exact. A is drawn from
+`args.seed` (never sent); uplink r*out per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fed_trainer.strategies.lora import LoraStrategy, kaiming_like, lora_factors
+from fed_trainer.strategies.registry import register_strategy
+
+
+@register_strategy("ffa_lora")
+class FFALoRA(LoraStrategy):
+    def prepare_adapter(self, model: nn.Module) -> None:
+        generator = torch.Generator().manual_seed(self.args.seed)
+        for layer in self.layers.values():
+            a, _ = lora_factors(layer)
+            a.data.copy_(kaiming_like(a, generator))
+            a.requires_grad_(False)

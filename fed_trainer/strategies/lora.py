@@ -1,0 +1,199 @@
+"""What the federated LoRA strategies share: PEFT wrapping, the LoRA layers, per-client ranks, factor stacking.
+
+Invariant kept by every LoRA strategy: between rounds the live model holds the global model exactly, so
+`evaluate()` runs on it and `merged_model()` is PEFT's merge of a copy of it. Trainable tensors other than the
+LoRA factors (e.g. the classifier in `modules_to_save`) are FedAvg-averaged under every LoRA strategy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import transpose
+from torch import nn
+
+from fed_trainer.config import FederatedConfig
+from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.fedavg import FedAvg, trainable_state
+
+ADAPTER = "default"
+# LoraConfig fields that may differ between clients; everything else must match.
+PER_CLIENT_FIELDS = ("r", "lora_alpha", "use_rslora")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The model's LoRA layers by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def lora_scaling(config: LoraConfig) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def lora_factors(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A, B) of the adapter: A is r x in, B is out x r."""
+    return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+
+def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
+    """Add an out x in update to the frozen base weight, in the weight's own orientation (Conv1D is in x out)."""
+    weight = layer.get_base_layer().weight
+    weight.data.add_(transpose(delta, layer.fan_in_fan_out).to(weight.dtype))
+
+
+def set_lora_rank(layer: LoraLayer, r: int, scaling: float) -> None:
+    """Give `layer` an adapter of rank `r` (new zero factors when the rank changes) and the scaling `scaling`."""
+    a, b = lora_factors(layer)
+    if a.shape[0] != r:
+        layer.lora_A[ADAPTER].weight = nn.Parameter(a.new_zeros(r, a.shape[1]), requires_grad=a.requires_grad)
+        layer.lora_B[ADAPTER].weight = nn.Parameter(b.new_zeros(b.shape[0], r), requires_grad=b.requires_grad)
+        layer.r[ADAPTER] = r
+    layer.scaling[ADAPTER] = scaling
+
+
+def kaiming_like(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A fresh LoRA A as PEFT initialises it (kaiming-uniform, a=sqrt(5)), drawn from `generator`."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+    return out.to(device=weight.device, dtype=weight.dtype)
+
+
+def factor_names(layer_name: str) -> tuple[str, str]:
+    """The parameter names of a LoRA layer's (A, B) in the PeftModel's state."""
+    return f"{layer_name}.lora_A.{ADAPTER}.weight", f"{layer_name}.lora_B.{ADAPTER}.weight"
+
+
+def is_lora_factor(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+class LoraStrategy(FedAvg):
+    """Base of the federated LoRA strategies. As it stands it is FedIT: everything trainable, the LoRA factors
+    included, is averaged entry by entry. Subclasses change what travels and how the aggregate is applied.
+    """
+
+    uses_lora: ClassVar[bool] = True
+    heterogeneous_ranks: ClassVar[bool] = False
+
+    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
+        self.client_configs = self._checked_configs(peft_configs)
+        self.client_index = {cid: i for i, cid in enumerate(self.client_configs)}
+        self.round_number = 0
+        self.args = args
+        first = next(iter(self.client_configs.values()))
+        if not isinstance(model, PeftModel):
+            model = get_peft_model(model, first)
+        self.layers = lora_layers(model)
+        if not self.layers:
+            raise ValueError(f"target_modules={first.target_modules} matched no layer of the model.")
+        self.prepare_adapter(model)
+        return super().setup(model, args)
+
+    def prepare_adapter(self, model: nn.Module) -> None:
+        """Hook run once on the freshly wrapped model, before the global state is taken from it."""
+
+    def _checked_configs(self, peft_configs: dict | None) -> dict:
+        if not peft_configs:
+            raise ValueError(
+                f"strategy {self.name!r} trains LoRA adapters: pass peft_config=LoraConfig(...) (or "
+                "client_peft_configs=) to FederatedTrainer."
+            )
+        first_id, first = next(iter(peft_configs.items()))
+        for cid, config in peft_configs.items():
+            if not isinstance(config, LoraConfig):
+                raise TypeError(f"client {cid!r}: expected a peft.LoraConfig, got {type(config).__name__}.")
+            if dataclasses.replace(config, **{f: getattr(first, f) for f in PER_CLIENT_FIELDS}) != first:
+                raise ValueError(
+                    f"client {cid!r}'s LoraConfig differs from client {first_id!r}'s beyond {PER_CLIENT_FIELDS}: "
+                    "clients must share target_modules, dropout and the other fields."
+                )
+        if not self.heterogeneous_ranks and any(config != first for config in peft_configs.values()):
+            ranks = sorted({config.r for config in peft_configs.values()})
+            raise ValueError(
+                f"strategy {self.name!r} needs the same LoraConfig on every client (ranks given: {ranks}); use "
+                "strategy='flexlora' or 'flora' for heterogeneous ranks."
+            )
+        return dict(peft_configs)
+
+    def begin_round(self, round_number: int) -> None:
+        super().begin_round(round_number)
+        self.round_number = round_number
+
+    def scaling(self, client_id) -> float:
+        return lora_scaling(self.client_configs[client_id])
+
+    def client_generator(self, client_id) -> torch.Generator:
+        """A generator seeded by (seed, round, client), so fresh LoRA inits are reproducible."""
+        entropy = [self.args.seed, self.round_number, self.client_index[client_id]]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).merge_and_unload()
+
+
+class StackedLoraStrategy(LoraStrategy):
+    """LoRA strategies whose clients may differ in rank: the factors are not averaged entry by entry but stacked,
+    `left = [s_1 p_1 B_1, ..., s_K p_K B_K]` (out x R) and `right = [A_1; ...; A_K]` (R x in), so that
+    `left @ right = sum_k p_k s_k B_k A_k` exactly. Only the other trainables go through FedAvg.
+    """
+
+    heterogeneous_ranks: ClassVar[bool] = True
+
+    def averaged_state(self, model: nn.Module) -> TensorDict:
+        return {name: t for name, t in trainable_state(model).items() if not is_lora_factor(name)}
+
+    @staticmethod
+    def factor_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> TensorDict:
+        """{layer: (A, B)} as named tensors."""
+        return {key: t for name, pair in factors.items() for key, t in zip(factor_names(name), pair)}
+
+    def fresh_factors(self, client_id) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """PEFT's initialisation at the client's rank (A kaiming-uniform, B zero), seeded per round and client."""
+        r, generator = self.client_configs[client_id].r, self.client_generator(client_id)
+        factors = {}
+        for name, layer in self.layers.items():
+            a, b = lora_factors(layer)
+            factors[name] = (kaiming_like(a.new_empty(r, a.shape[1]), generator), b.new_zeros(b.shape[0], r))
+        return factors
+
+    def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
+        """Load the shared tensors and the client's factors; a message without factors means: start LoRA afresh."""
+        super().load_client(model, message, client_id)
+        if factor_names(next(iter(self.layers)))[0] not in message:
+            message = self.factor_message(self.fresh_factors(client_id))
+        scaling = self.scaling(client_id)
+        for name, layer in self.layers.items():
+            a, b = (message[key] for key in factor_names(name))
+            set_lora_rank(layer, a.shape[0], scaling)
+            live_a, live_b = lora_factors(layer)
+            live_a.data.copy_(a)
+            live_b.data.copy_(b)
+
+    def client_payload(self, model: nn.Module, client_id) -> TensorDict:
+        factors = {name: lora_factors(layer) for name, layer in self.layers.items()}
+        return {**super().client_payload(model, client_id), **self.factor_message(factors)}
+
+    def begin_round(self, round_number: int) -> None:
+        super().begin_round(round_number)
+        self._left = {name: [] for name in self.layers}
+        self._right = {name: [] for name in self.layers}
+
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        super().aggregate({k: v for k, v in payload.items() if k in self.global_state}, weight, client_id)
+        coefficient = weight * self.scaling(client_id)
+        for name in self.layers:
+            a, b = (payload[key].detach().float() for key in factor_names(name))
+            self._left[name].append(b * coefficient)
+            self._right[name].append(a)
+
+    def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) of this round for layer `name`: left @ right = sum_k p_k s_k B_k A_k."""
+        return torch.cat(self._left[name], dim=1), torch.cat(self._right[name], dim=0)
