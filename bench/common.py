@@ -64,4 +64,6 @@ def report(title: str, rows: list[dict], summary: dict, json_path: str | None) -
 
 
 def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.2e}" if 0 < abs(v) < 1e-2 else f"{v:.3f}"
+    return str(v)

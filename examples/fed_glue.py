@@ -7,6 +7,7 @@ Runs offline with no arguments: the bundled all-MiniLM-L6-v2 on BBC News (5 topi
     accelerate launch examples/fed_glue.py
     python examples/fed_glue.py recipes/galore_fedavg.yaml
     python examples/fed_glue.py --config recipes/fedavg.yaml --num_rounds 3
+    python examples/fed_glue.py --strategy flexlora --lora_ranks 4 8 8 16 --learning_rate 5e-4
     python examples/fed_glue.py --train_file train.csv --validation_file dev.csv --partition dirichlet
     python examples/fed_glue.py --task_name sst2 --model_name_or_path bert-base-uncased   # needs the Hub
 
@@ -23,6 +24,7 @@ import numpy as np
 import transformers
 import yaml
 from datasets import ClassLabel, DatasetDict, load_dataset
+from peft import LoraConfig
 from sklearn.metrics import f1_score
 from transformers import (
     AutoModelForSequenceClassification,
@@ -32,7 +34,7 @@ from transformers import (
     HfArgumentParser,
 )
 
-from fed_trainer import FederatedConfig, FederatedTrainer
+from fed_trainer import FederatedConfig, FederatedTrainer, get_strategy
 from fed_trainer.assets import load_bbc_news, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,27 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Model path or Hub id (default: the bundled all-MiniLM-L6-v2)."}
     )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank, with a LoRA strategy."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query", "key", "value"], metadata={"help": "Modules that get LoRA adapters."}
+    )
+    lora_ranks: list[int] | None = field(
+        default=None, metadata={"help": "One LoRA rank per client (flexlora, flora): heterogeneous ranks."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling alpha / sqrt(r)."})
+
+    def peft_config(self, strategy: str) -> LoraConfig | None:
+        """The LoRA config for a LoRA strategy, None for full-weight ones."""
+        if not get_strategy(strategy).uses_lora:
+            return None
+        return LoraConfig(
+            task_type="SEQ_CLS",
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            target_modules=self.lora_target_modules,
+            use_rslora=self.use_rslora,
+        )
 
 
 @dataclass
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        peft_config=model_args.peft_config(training_args.strategy),
+        client_peft_configs=model_args.lora_ranks,
     )
     train_result = trainer.train()
     trainer.save_model()

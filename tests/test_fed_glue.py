@@ -68,3 +68,15 @@ def test_accelerate_launch_runs_the_example(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval_accuracy" in json.loads((tmp_path / "all_results.json").read_text())
     assert torch.load(tmp_path / "training_args.bin", weights_only=False).num_rounds == 2
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "ffa_lora", "fedex_lora", "flora", "flexlora"])
+def test_every_lora_recipe_runs_the_example(tmp_path, strategy):
+    recipe = str(ROOT / "recipes" / f"{strategy}.yaml")
+    ranks = ["--lora_ranks", "2", "4"] if strategy in ("flora", "flexlora") else []  # SHORT has 2 clients
+    metrics = fed_glue.main([recipe, *SHORT, *ranks, "--output_dir", str(tmp_path)])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["total_bytes_up"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    assert not any("lora" in name for name in model.state_dict())
