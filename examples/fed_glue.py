@@ -78,7 +78,8 @@ class ModelArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank, with a LoRA strategy."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["query", "key", "value"], metadata={"help": "Modules that get LoRA adapters."}
+        default_factory=lambda: ["query", "key", "value", "dense"],
+        metadata={"help": "Modules that get LoRA adapters (name suffixes)."},
     )
     lora_ranks: list[int] | None = field(
         default=None, metadata={"help": "One LoRA rank per client (flexlora, flora): heterogeneous ranks."}

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import ProgressCallback, Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput, speed_metrics
@@ -116,6 +116,11 @@ class FederatedTrainer(Trainer):
             raise ValueError(
                 f"clients_per_round={args.clients_per_round} exceeds the {len(self.client_datasets)} clients given; "
                 "lower clients_per_round."
+            )
+        if isinstance(model, PeftModel) and not self.strategy.uses_lora:
+            raise ValueError(
+                f"model is a PeftModel but strategy {self.strategy.name!r} averages full weights: pass the base model "
+                "with peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
             )
         peft_configs = self._peft_configs(peft_config, client_peft_configs)
         model = self.strategy.setup(model, args, peft_configs)
