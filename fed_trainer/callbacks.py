@@ -5,13 +5,8 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
-from transformers.utils import logging
 
 from fed_trainer.strategies.base import Strategy, tensor_bytes
-
-logger = logging.get_logger(__name__)
-
-FEDERATED_EVENTS = ("on_round_begin", "on_client_begin", "on_client_end", "on_round_end")
 
 
 class FederatedCallback(TrainerCallback):

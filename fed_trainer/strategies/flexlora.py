@@ -14,7 +14,7 @@ from torch import nn
 
 from fed_trainer.lowrank import truncated_svd_of_product
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import StackedLoraStrategy, lora_factors, set_lora_rank
+from fed_trainer.strategies.lora import StackedLoraStrategy, set_lora_factors
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -47,7 +47,4 @@ class FlexLoRA(StackedLoraStrategy):
             left, right = self.stacked(name)
             self.svd[name] = truncated_svd_of_product(left, right, max_rank)
             # The live model holds the exact global model: an adapter of rank R with scaling 1.
-            set_lora_rank(layer, left.shape[1], 1.0)
-            a, b = lora_factors(layer)
-            a.data.copy_(right)
-            b.data.copy_(left)
+            set_lora_factors(layer, right, left, 1.0)

@@ -49,14 +49,18 @@ def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
     weight.data.add_(transpose(delta, layer.fan_in_fan_out).to(weight.dtype))
 
 
-def set_lora_rank(layer: LoraLayer, r: int, scaling: float) -> None:
-    """Give `layer` an adapter of rank `r` (new zero factors when the rank changes) and the scaling `scaling`."""
-    a, b = lora_factors(layer)
-    if a.shape[0] != r:
-        layer.lora_A[ADAPTER].weight = nn.Parameter(a.new_zeros(r, a.shape[1]), requires_grad=a.requires_grad)
-        layer.lora_B[ADAPTER].weight = nn.Parameter(b.new_zeros(b.shape[0], r), requires_grad=b.requires_grad)
+def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """Load factors (A: r x in, B: out x r) and a scaling into `layer`, resizing its adapter if r changes."""
+    live_a, live_b = lora_factors(layer)
+    r = a.shape[0]
+    if live_a.shape[0] != r:
+        live_a = nn.Parameter(live_a.new_zeros(r, live_a.shape[1]), requires_grad=live_a.requires_grad)
+        live_b = nn.Parameter(live_b.new_zeros(live_b.shape[0], r), requires_grad=live_b.requires_grad)
+        layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight = live_a, live_b
         layer.r[ADAPTER] = r
     layer.scaling[ADAPTER] = scaling
+    live_a.data.copy_(a)
+    live_b.data.copy_(b)
 
 
 def kaiming_like(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -172,10 +176,7 @@ class StackedLoraStrategy(LoraStrategy):
         scaling = self.scaling(client_id)
         for name, layer in self.layers.items():
             a, b = (message[key] for key in factor_names(name))
-            set_lora_rank(layer, a.shape[0], scaling)
-            live_a, live_b = lora_factors(layer)
-            live_a.data.copy_(a)
-            live_b.data.copy_(b)
+            set_lora_factors(layer, a, b, scaling)
 
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
         factors = {name: lora_factors(layer) for name, layer in self.layers.items()}
