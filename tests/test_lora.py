@@ -183,6 +183,20 @@ def test_flexlora_serves_each_client_the_best_rank_r_approximation(make_config):
         torch.testing.assert_close(start["classifier.weight"], first["global"]["classifier.weight"], rtol=0, atol=0)
 
 
+def test_flexlora_keeps_learning_after_a_round_with_no_update(make_config):
+    # Warm-up makes round 1's only step use learning rate 0, so dW = 0 after it. Clients must then start from
+    # PEFT's init (A random, B zero), not from zero factors, which would never get a gradient.
+    _, probe = run(make_config, "flexlora", ranks=[2, 4, 8], rounds=2, local_steps=1, warmup_steps=1)
+    first, second = probe.rounds
+    initial = first["start"][0]
+    targets = [n for n in initial if n.endswith(("query.weight", "value.weight"))]
+    assert all(torch.equal(first["global"][n], initial[n]) for n in targets)
+    assert all((second["global"][n] - initial[n]).abs().max() > 1e-4 for n in targets)
+    for cid, raw in second["raw_start"].items():
+        a_name = next(n for n in raw if ".lora_A." in n)
+        assert raw[a_name].abs().min(dim=1).values.gt(0).all(), cid
+
+
 @pytest.mark.parametrize("strategy", ["fedit", "ffa_lora", "fedex_lora", "flora", "flexlora"])
 def test_merged_model_is_plain_and_matches_the_global_peft_model(make_config, strategy, tmp_path):
     trainer, _ = run(make_config, strategy, ranks=[2, 4, 8] if strategy in ("flora", "flexlora") else None)

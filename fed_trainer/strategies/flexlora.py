@@ -30,13 +30,19 @@ class FlexLoRA(StackedLoraStrategy):
         if not self.svd:  # first round: no update yet, the client starts LoRA afresh
             return message
         r, scaling = self.client_configs[client_id].r, self.scaling(client_id)
+        fresh = None
         factors = {}
         for name, (u, s, vh) in self.svd.items():
-            root = (s[:r] / scaling).sqrt()
-            b, a = u[:, :r] * root, root[:, None] * vh[:r]
-            if a.shape[0] < r:  # dW has rank below r: pad with zero directions
-                a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
-                b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+            k = int((s[:r] > 0).sum())
+            root = (s[:k] / scaling).sqrt()
+            b, a = u[:, :k] * root, root[:, None] * vh[:k]
+            if k < r:
+                # dW has fewer than r nonzero directions: fill the rest as PEFT initialises LoRA (A random, B zero),
+                # which leaves s B A unchanged; directions zero in both factors would get no gradient, ever.
+                fresh = fresh or self.fresh_factors(client_id)
+                fresh_a, fresh_b = fresh[name]
+                a = torch.cat([a, fresh_a[k:]])
+                b = torch.cat([b, fresh_b[:, k:]], dim=1)
             factors[name] = (a, b)
         return {**message, **self.factor_message(factors)}
 
