@@ -24,7 +24,7 @@ class FedExLoRA(LoraStrategy):
         super().aggregate(payload, weight, client_id)
         coefficient = weight * self.scaling(client_id)
         for name in self.layers:
-            a, b = (payload[key].detach().float() for key in factor_names(name))
+            a, b = (payload[key].detach().flatten(1).float() for key in factor_names(name))
             product = (b @ a).mul_(coefficient)
             if name in self._products:
                 self._products[name].add_(product)
@@ -41,5 +41,5 @@ class FedExLoRA(LoraStrategy):
         super().finish_round(model)
         for name, layer in self.layers.items():
             a, b = lora_factors(layer)  # now the averaged factors
-            residual = self._products[name] - layer.scaling[ADAPTER] * (b.detach().float() @ a.detach().float())
+            residual = self._products[name] - layer.scaling[ADAPTER] * (b.float() @ a.float())
             fold_into_base(layer, residual)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fed_trainer.strategies.lora import LoraStrategy, kaiming_like, lora_factors
+from fed_trainer.strategies.lora import LoraStrategy, kaiming_like, lora_parameters
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -18,6 +18,6 @@ class FFALoRA(LoraStrategy):
     def prepare_adapter(self, model: nn.Module) -> None:
         generator = torch.Generator().manual_seed(self.args.seed)
         for layer in self.layers.values():
-            a, _ = lora_factors(layer)
-            a.data.copy_(kaiming_like(a, generator))
+            a, _ = lora_parameters(layer)
+            a.data.copy_(kaiming_like(a.flatten(1), generator).reshape(a.shape))
             a.requires_grad_(False)

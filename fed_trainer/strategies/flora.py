@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base, lora_factors
+from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base, lora_parameters
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -20,7 +20,7 @@ class FLoRA(StackedLoraStrategy):
         model = super().setup(model, args, peft_configs)
         self.stacks: TensorDict = {}
         for layer in self.layers.values():  # the global model carries no adapter between rounds
-            lora_factors(layer)[1].data.zero_()
+            lora_parameters(layer)[1].data.zero_()
         return model
 
     def server_message(self, client_id) -> TensorDict:
@@ -35,4 +35,4 @@ class FLoRA(StackedLoraStrategy):
             left, right = self.stacked(name)
             fold_into_base(layer, left @ right)
             self.stacks.update({f"{name}.stack_left": left, f"{name}.stack_right": right})
-            lora_factors(layer)[1].data.zero_()
+            lora_parameters(layer)[1].data.zero_()

@@ -38,29 +38,43 @@ def lora_scaling(config: LoraConfig) -> float:
     return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
 
 
-def lora_factors(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
-    """(A, B) of the adapter: A is r x in, B is out x r."""
+def lora_parameters(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
+    """The adapter's (A, B) parameters, in their module's shape (4-D for a Conv2d adapter)."""
     return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
 
 
+def lora_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as matrices, A: r x fan_in, B: out x r, detached views of the live parameters.
+
+    For a Linear adapter they are the weights; a Conv2d adapter's A (r x in x k x k) is flattened to r x (in k k)
+    and its B (out x r x 1 x 1) to out x r, so that B A, reshaped, is PEFT's delta weight for every layer type.
+    """
+    a, b = lora_parameters(layer)
+    return a.detach().flatten(1), b.detach().flatten(1)
+
+
 def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
-    """Add an out x in update to the frozen base weight, in the weight's own orientation (Conv1D is in x out)."""
+    """Add an out x fan_in update to the frozen base weight, in the weight's own orientation and shape (Conv1D is
+    in x out; a Conv2d kernel is out x in x k x k)."""
     weight = layer.get_base_layer().weight
-    weight.data.add_(transpose(delta, layer.fan_in_fan_out).to(weight.dtype))
+    weight.data.add_(transpose(delta, layer.fan_in_fan_out).reshape(weight.shape).to(weight.dtype))
 
 
 def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-    """Load factors (A: r x in, B: out x r) and a scaling into `layer`, resizing its adapter if r changes."""
-    live_a, live_b = lora_factors(layer)
+    """Load factor matrices (A: r x fan_in, B: out x r) and a scaling into `layer`, resizing its adapter if r
+    changes."""
+    live_a, live_b = lora_parameters(layer)
     r = a.shape[0]
     if live_a.shape[0] != r:
-        live_a = nn.Parameter(live_a.new_zeros(r, live_a.shape[1]), requires_grad=live_a.requires_grad)
-        live_b = nn.Parameter(live_b.new_zeros(live_b.shape[0], r), requires_grad=live_b.requires_grad)
+        live_a = nn.Parameter(live_a.new_zeros(r, *live_a.shape[1:]), requires_grad=live_a.requires_grad)
+        live_b = nn.Parameter(
+            live_b.new_zeros(live_b.shape[0], r, *live_b.shape[2:]), requires_grad=live_b.requires_grad
+        )
         layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight = live_a, live_b
         layer.r[ADAPTER] = r
     layer.scaling[ADAPTER] = scaling
-    live_a.data.copy_(a)
-    live_b.data.copy_(b)
+    live_a.data.copy_(a.reshape(live_a.shape))
+    live_b.data.copy_(b.reshape(live_b.shape))
 
 
 def kaiming_like(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -191,9 +205,10 @@ class StackedLoraStrategy(LoraStrategy):
         super().aggregate({k: v for k, v in payload.items() if k in self.global_state}, weight, client_id)
         coefficient = weight * self.scaling(client_id)
         for name in self.layers:
-            a, b = (payload[key].detach().float() for key in factor_names(name))
-            self._left[name].append(b * coefficient)
-            self._right[name].append(a)
+            a, b = (payload[key].detach() for key in factor_names(name))
+            self._left[name].append(b.flatten(1).float() * coefficient)
+            # a copy: the payload may be a view of the live adapter, which the next client overwrites
+            self._right[name].append(a.flatten(1).to(torch.float32, copy=True))
 
     def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) of this round for layer `name`: left @ right = sum_k p_k s_k B_k A_k."""
