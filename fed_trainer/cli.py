@@ -20,6 +20,9 @@ class LoraArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules that get LoRA adapters (name suffixes); default: all linear layers."}
     )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full beside the adapters (e.g. a new classifier)."}
+    )
     lora_ranks: list[int] | None = field(
         default=None, metadata={"help": "One LoRA rank per client (flexlora, flora): heterogeneous ranks."}
     )
@@ -34,6 +37,7 @@ class LoraArguments:
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             target_modules=self.lora_target_modules or "all-linear",
+            modules_to_save=self.lora_modules_to_save,
             use_rslora=self.use_rslora,
         )
 

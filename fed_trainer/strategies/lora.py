@@ -57,7 +57,7 @@ def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
     """Add an out x fan_in update to the frozen base weight, in the weight's own orientation and shape (Conv1D is
     in x out; a Conv2d kernel is out x in x k x k)."""
     weight = layer.get_base_layer().weight
-    weight.data.add_(transpose(delta, layer.fan_in_fan_out).reshape(weight.shape).to(weight.dtype))
+    weight.data.add_(transpose(delta, getattr(layer, "fan_in_fan_out", False)).reshape(weight.shape).to(weight.dtype))
 
 
 def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
