@@ -1,19 +1,30 @@
-"""Every federated method on equal footing, on the bundled all-MiniLM-L6-v2 and real data.
+"""Every federated method on equal footing, on bundled real models and real data.
 
 Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), fedit, ffa_lora, flexlora,
 fedex_lora, flora; references: centralized (one client holding all the data, the same number of optimizer steps
 and examples as a federated run) and local_only (each client trains alone for the same number of steps; the mean
-of their accuracies). Settings: BBC News topics and movie-review sentiment, Dirichlet label splits with alpha in
-{0.1, 1.0} over 10 clients, 5 sampled per round; every method gets the same rounds, local steps, batch size,
-examples and seeds. Learning rates: each method runs a stated grid (full fine-tuning and LoRA grids differ) on the
-first setting with the first seed, and keeps its best for every setting; the sweep and its winners are reported.
+of their results). Tasks (bench/tasks.py):
 
-    python bench/compare.py --json bench/results/compare.json --plots bench/results   # the full comparison
+- `text` (default): all-MiniLM-L6-v2 on BBC News topics and movie-review sentiment, Dirichlet label splits with
+  alpha in {0.1, 1.0} over 10 clients, 5 sampled per round; metric: validation accuracy.
+- `instruct`: SmolLM2-135M-Instruct on chatterbot-corpus Q/A, one natural client per topic (21), 4 per round;
+  metric: validation loss on the answers.
+- `vision`: EfficientNet-Lite0 on Fashion-MNIST (6,000 training images at 64x64), Dirichlet splits over 10
+  clients, 5 per round; metric: validation accuracy.
+
+Every method gets the same rounds, local steps, batch size, examples and seeds. Learning rates: each method runs a
+stated grid (full fine-tuning, GaLore and LoRA grids differ) on the first setting with the first seed and keeps
+its best for every setting; the sweep and its winners are reported.
+
+    python bench/compare.py --json bench/results/compare.json --plots bench/results   # the full text comparison
     python bench/compare.py --quick --json bench/results/compare_quick.json             # one setting, one seed
+    python bench/compare.py --task instruct --quick --json bench/results/compare_instruct.json
+    python bench/compare.py --task vision --quick --json bench/results/compare_vision.json
 
-Reports per method and setting: final and best-round validation accuracy (mean and std over seeds), rounds to
-reach the target (90% of the best final accuracy of that setting), total bytes communicated, peak RSS during the
-run (sampled; all runs share one process), wall time. A table on stdout, JSON with --json, PNG plots with --plots.
+Reports per method and setting: final and best-round metric (mean and std over seeds), rounds to reach the
+target (90% of the best final accuracy of that setting, or 110% of the best final loss), total bytes
+communicated, peak RSS during the run (sampled; all runs share one process), wall time. A table on stdout, JSON
+with --json, PNG plots with --plots.
 """
 
 from __future__ import annotations
@@ -38,41 +49,34 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    PrinterCallback,
-    Trainer,
-    TrainingArguments,
-)
+from tasks import TASKS, Task  # noqa: E402
+from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E402
 
 from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer, partition_dataset  # noqa: E402
-from fed_trainer.assets import load_bbc_news, load_movie_reviews, minilm_path  # noqa: E402
 
-DATASETS = {"bbc": load_bbc_news, "movies": load_movie_reviews}
-LORA = dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
-GALORE = dict(
-    optim="galore_adamw",
-    optim_target_modules=["attention", "intermediate", "output.dense"],
-    optim_args="rank=64,update_proj_gap=20,scale=0.25",
-)
-METHODS = {
-    "fedavg": dict(strategy="fedavg"),
-    "galore_fedavg": dict(strategy="fedavg", **GALORE),
-    "fedit": dict(strategy="fedit"),
-    "ffa_lora": dict(strategy="ffa_lora"),
-    "flexlora": dict(strategy="flexlora"),
-    "fedex_lora": dict(strategy="fedex_lora"),
-    "flora": dict(strategy="flora"),
-    "centralized": dict(strategy="fedavg"),
-    "local_only": dict(strategy="fedavg"),
-}
-LR_GRID = {"full": [1e-4, 3e-4], "lora": [2e-3, 5e-3]}  # the first of each is the --quick rate
+METHODS = [
+    "fedavg",
+    "galore_fedavg",
+    "fedit",
+    "ffa_lora",
+    "flexlora",
+    "fedex_lora",
+    "flora",
+    "centralized",
+    "local_only",
+]
+STRATEGY = {"galore_fedavg": "fedavg", "centralized": "fedavg", "local_only": "fedavg"}
+
+
+def strategy_of(method: str) -> str:
+    return STRATEGY.get(method, method)
 
 
 def family(method: str) -> str:
-    return "lora" if METHODS[method]["strategy"] not in ("fedavg",) else "full"
+    """Which learning-rate grid a method sweeps: `lora`, `galore` or `full`."""
+    if strategy_of(method) != "fedavg":
+        return "lora"
+    return "galore" if method == "galore_fedavg" else "full"
 
 
 class PeakRSS:
@@ -109,99 +113,93 @@ class PeakRSS:
 
 
 class RoundPrinter(FederatedCallback):
-    def __init__(self, label: str):
-        self.label = label
+    def __init__(self, label: str, metric: str):
+        self.label, self.key = label, f"eval_{metric}"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "round" in logs and "eval_accuracy" in logs:
-            print(f"    {self.label} round {logs['round']}: accuracy {logs['eval_accuracy']:.4f}", flush=True)
+        if logs and "round" in logs and self.key in logs:
+            print(f"    {self.label} round {logs['round']}: {self.key} {logs[self.key]:.4f}", flush=True)
 
 
-def prepared(name: str, tokenizer, seq_len: int, eval_examples: int):
-    data = DATASETS[name]()
-    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len), batched=True)
-    data = data.remove_columns(["text"])
-    validation = data["validation"].shuffle(seed=0).select(range(min(eval_examples, len(data["validation"]))))
-    return data["train"], validation, data["train"].features["label"].num_classes
+def client_split(task: Task, train, a, alpha: float | None, seed: int) -> list:
+    """The clients' datasets: one per value of the task's natural client column, else a Dirichlet label split."""
+    if task.client_column is None:
+        return partition_dataset(train, a.clients, method="dirichlet", alpha=alpha, seed=seed)
+    return partition_dataset(train, a.clients, method=f"column:{task.client_column}")
 
 
-def accuracy(p) -> dict:
-    return {"accuracy": float(np.mean(np.argmax(p.predictions, axis=1) == p.label_ids))}
-
-
-def run_one(method, lr, seed, train, validation, num_labels, a, collator, out) -> dict:
-    """One run; returns accuracy per round, bytes, peak RSS and wall time."""
-    spec = {k: v for k, v in METHODS[method].items()}
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a, alpha, out) -> dict:
+    """One run; returns the metric per round, bytes, peak RSS and wall time."""
+    key = f"eval_{task.metric}"
     common = dict(
-        output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=128, learning_rate=lr,
+        output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=32, learning_rate=lr,
         warmup_steps=0, seed=seed, report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no",
         dataloader_pin_memory=False,
     )  # fmt: skip
-    clients = partition_dataset(train, a.clients, method="dirichlet", alpha=a.alpha_now, seed=seed)
-    steps_per_round = a.local_steps * a.per_round
+    clients = [c.remove_columns(task.client_column) if task.client_column else c for c in client_split(
+        task, train, a, alpha, seed)]  # fmt: skip
+    if task.client_column:
+        train = train.remove_columns(task.client_column)
     start = time.perf_counter()
     with PeakRSS() as rss:
         if method == "local_only":
-            accuracies = []
-            for shard in clients:
-                model_k = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+            results = []
+            for shard in clients[: a.local_clients]:
                 args = TrainingArguments(max_steps=a.rounds * a.local_steps, eval_strategy="no", **common)
-                trainer = Trainer(model=model_k, args=args, train_dataset=shard, data_collator=collator,
-                                  eval_dataset=validation, compute_metrics=accuracy)  # fmt: skip
+                trainer = Trainer(model=task.model(), args=args, train_dataset=shard, data_collator=task.collator,
+                                  eval_dataset=validation, compute_metrics=task.compute_metrics)  # fmt: skip
                 trainer.pop_callback(PrinterCallback)
                 trainer.train()
-                accuracies.append(trainer.evaluate()["eval_accuracy"])
-            per_round, total_bytes = [float(np.mean(accuracies))], 0
+                results.append(trainer.evaluate()[key])
+            per_round, total_bytes = [float(np.mean(results))], 0
         else:
-            data = dict(client_datasets=[train]) if method == "centralized" else dict(train_dataset=train)
-            local = steps_per_round if method == "centralized" else a.local_steps
+            centralized = method == "centralized"
             config = FederatedConfig(
-                num_clients=1 if method == "centralized" else a.clients,
-                clients_per_round=None if method == "centralized" else a.per_round,
-                num_rounds=a.rounds, local_steps=local, partition="dirichlet", partition_alpha=a.alpha_now,
-                **{k: v for k, v in spec.items() if k != "strategy"}, strategy=spec["strategy"], **common,
+                num_clients=1 if centralized else len(clients),
+                clients_per_round=None if centralized else a.per_round, num_rounds=a.rounds,
+                local_steps=a.local_steps * a.per_round if centralized else a.local_steps,
+                strategy=strategy_of(method), **(task.galore if method == "galore_fedavg" else {}), **common,
             )  # fmt: skip
             trainer = FederatedTrainer(
-                model=model, args=config, eval_dataset=validation, data_collator=collator, compute_metrics=accuracy,
-                peft_config=LoraConfig(**LORA) if family(method) == "lora" else None,
-                callbacks=[RoundPrinter(method)], **data,
+                model=task.model(), args=config, client_datasets=[train] if centralized else clients,
+                eval_dataset=validation, data_collator=task.collator, compute_metrics=task.compute_metrics,
+                peft_config=LoraConfig(**task.lora) if family(method) == "lora" else None,
+                callbacks=[RoundPrinter(method, task.metric)],
             )  # fmt: skip
             trainer.pop_callback(PrinterCallback)
             output = trainer.train()
-            rounds = [e for e in trainer.state.log_history if "round" in e]
-            per_round = [e["eval_accuracy"] for e in rounds]
+            per_round = [e[key] for e in trainer.state.log_history if "round" in e]
             total_bytes = output.metrics["total_bytes_up"] + output.metrics["total_bytes_down"]
     return {
-        "accuracy_per_round": per_round,
-        "final_accuracy": per_round[-1],
-        "best_accuracy": max(per_round),
+        "per_round": per_round,
+        "final": per_round[-1],
+        "best": max(per_round) if task.metric == "accuracy" else min(per_round),
         "total_bytes": total_bytes,
         "peak_rss_mib": rss.peak_mib,
         "wall_s": time.perf_counter() - start,
     }
 
 
-def rounds_to(per_round: list[float], target: float) -> int | None:
-    return next((i + 1 for i, acc in enumerate(per_round) if acc >= target), None)
+def rounds_to(task: Task, per_round: list[float], target: float) -> int | None:
+    return next((i + 1 for i, v in enumerate(per_round) if v == target or task.better(v, target)), None)
 
 
-def summarize(runs: list[dict], target: float) -> dict:
-    finals = [r["final_accuracy"] for r in runs]
-    reached = [rounds_to(r["accuracy_per_round"], target) for r in runs]
+def summarize(task: Task, runs: list[dict], target: float) -> dict:
+    finals = [r["final"] for r in runs]
+    reached = [rounds_to(task, r["per_round"], target) for r in runs]
     return {
-        "final_accuracy_mean": statistics.mean(finals),
-        "final_accuracy_std": statistics.pstdev(finals),
-        "best_accuracy_mean": statistics.mean(r["best_accuracy"] for r in runs),
+        "final_mean": statistics.mean(finals),
+        "final_std": statistics.pstdev(finals),
+        "best_mean": statistics.mean(r["best"] for r in runs),
         "rounds_to_target": None if None in reached else statistics.mean(reached),
         "total_bytes": statistics.mean(r["total_bytes"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "wall_s_mean": statistics.mean(r["wall_s"] for r in runs),
-        "accuracy_per_round_mean": np.mean([r["accuracy_per_round"] for r in runs], axis=0).tolist(),
+        "per_round_mean": np.mean([r["per_round"] for r in runs], axis=0).tolist(),
     }
 
 
-def plot(results: dict, directory: Path) -> list[str]:
+def plot(results: dict, metric: str, directory: Path) -> list[str]:
     import matplotlib
     import matplotlib.ticker
 
@@ -209,97 +207,120 @@ def plot(results: dict, directory: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
+    label = "validation accuracy" if metric == "accuracy" else "validation loss"
     settings = list(results)
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for method, summary in results[setting].items():
-            curve = summary["accuracy_per_round_mean"]
-            style = dict(linestyle="--") if method in ("centralized", "local_only") else {}
+            curve = summary["per_round_mean"]
+            style = dict(linestyle="--") if method == "centralized" else {}
             if len(curve) == 1:
                 ax.axhline(curve[0], label=method, color="grey", linestyle=":")
             else:
                 ax.plot(range(1, len(curve) + 1), curve, marker="o", label=method, **style)
-        ax.set(title=setting, xlabel="round", ylabel="validation accuracy")
+        ax.set(title=setting, xlabel="round", ylabel=label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    curves = directory / "accuracy_per_round.png"
+    curves = directory / f"{metric}_per_round.png"
     fig.savefig(curves, dpi=120)
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for method, summary in results[setting].items():
             if summary["total_bytes"] > 0:
-                ax.scatter(summary["total_bytes"], summary["final_accuracy_mean"], label=method)
-                ax.annotate(method, (summary["total_bytes"], summary["final_accuracy_mean"]), fontsize=7)
-        ax.set(title=setting, xlabel="bytes communicated (up + down)", ylabel="final accuracy", xscale="log")
+                ax.scatter(summary["total_bytes"], summary["final_mean"], label=method)
+                ax.annotate(method, (summary["total_bytes"], summary["final_mean"]), fontsize=7)
+        ax.set(title=setting, xlabel="bytes communicated (up + down)", ylabel=f"final {label}", xscale="log")
     fig.tight_layout()
-    scatter = directory / "accuracy_vs_bytes.png"
+    scatter = directory / f"{metric}_vs_bytes.png"
     fig.savefig(scatter, dpi=120)
     return [str(curves), str(scatter)]
 
 
-def main() -> None:
+QUICK = {  # --quick: one setting, one seed, few rounds, each method at the first rate of its grid
+    "text": dict(datasets=["bbc"], alphas=[1.0], seeds=1, rounds=3),
+    "instruct": dict(seeds=1, rounds=2, local_clients=4),
+    "vision": dict(alphas=[1.0], seeds=1, rounds=3),
+}
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="text", choices=list(TASKS))
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--plots", metavar="DIR", help="write accuracy_per_round.png and accuracy_vs_bytes.png here")
-    p.add_argument("--quick", action="store_true", help="BBC, alpha 1.0, one seed, 3 rounds, no LR sweep")
-    p.add_argument("--datasets", nargs="+", default=["bbc", "movies"], choices=list(DATASETS))
-    p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 1.0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--per-round", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--eval-examples", type=int, default=200)
+    p.add_argument("--plots", metavar="DIR", help="write <metric>_per_round.png and <metric>_vs_bytes.png here")
+    p.add_argument("--quick", action="store_true", help="one setting, one seed, few rounds, no LR sweep")
+    p.add_argument("--datasets", nargs="+", help="default: all of the task's")
+    p.add_argument("--alphas", nargs="+", type=float, help="Dirichlet alphas of the label splits (default 0.1 1.0)")
+    p.add_argument("--seeds", type=int, help="default 3")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--local-clients", type=int, help="clients local_only averages over (default: all)")
+    for name in ("clients", "per-round", "rounds", "local-steps", "batch-size", "seq-len", "eval-examples"):
+        p.add_argument(f"--{name}", type=int, help="default: the task's (bench/tasks.py)")
     a = p.parse_args()
+    task = TASKS[a.task]
+    defaults = dict(task.defaults, datasets=list(task.datasets), alphas=[0.1, 1.0], seeds=3)
     if a.quick:
-        a.datasets, a.alphas, a.seeds, a.rounds = ["bbc"], [1.0], 1, 3
+        defaults.update(QUICK[a.task])
+    for key, value in defaults.items():  # flags given on the command line win
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    a.local_clients = a.local_clients or a.clients
+    if task.client_column is not None:
+        a.alphas = [None]  # natural clients: no label split
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     transformers.utils.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    collator = DataCollatorWithPadding(tokenizer)
+    task = TASKS[a.task]()
     seeds = list(range(a.seeds))
     started = time.perf_counter()
     sweep: dict = {}
-    best_lr = {m: LR_GRID[family(m)][0] for m in a.methods}
+    best_lr = {m: task.lr_grid[family(m)][0] for m in a.methods}
     raw: dict = {}
     with tempfile.TemporaryDirectory() as out:
         for d_index, name in enumerate(a.datasets):
-            train, validation, num_labels = prepared(name, tokenizer, a.seq_len, a.eval_examples)
+            train, validation = task.prepare(name, a)
             for a_index, alpha in enumerate(a.alphas):
-                a.alpha_now, setting = alpha, f"{name}/alpha={alpha}"
+                setting = f"{name}/{task.client_column}" if alpha is None else f"{name}/alpha={alpha}"
                 raw[setting] = {m: [] for m in a.methods}
                 for method in a.methods:
                     for seed in seeds:
                         first = d_index == 0 and a_index == 0 and seed == seeds[0] and not a.quick
-                        lrs = LR_GRID[family(method)] if first else [best_lr[method]]
+                        lrs = task.lr_grid[family(method)] if first else [best_lr[method]]
                         tried = {}
                         for lr in lrs:
                             elapsed = time.perf_counter() - started
                             print(f"[{elapsed:6.0f}s] {setting} {method} seed={seed} lr={lr:g}", flush=True)
-                            tried[lr] = run_one(method, lr, seed, train, validation, num_labels, a, collator, out)
+                            tried[lr] = run_one(task, method, lr, seed, train, validation, a, alpha, out)
                         if first:
-                            best_lr[method] = max(tried, key=lambda lr: tried[lr]["final_accuracy"])
-                            sweep[method] = {str(lr): r["final_accuracy"] for lr, r in tried.items()}
+                            best = lrs[0]
+                            for lr in lrs[1:]:
+                                best = lr if task.better(tried[lr]["final"], tried[best]["final"]) else best
+                            best_lr[method] = best
+                            sweep[method] = {str(lr): r["final"] for lr, r in tried.items()}
                         raw[setting][method].append(tried[best_lr[method]])
-    results = {}
+    results, targets = {}, {}
     for setting, methods in raw.items():
-        target = 0.9 * max(statistics.mean(r["final_accuracy"] for r in runs) for runs in methods.values())
-        results[setting] = {m: {**summarize(runs, target), "learning_rate": best_lr[m]} for m, runs in methods.items()}
-        results[setting]["_target_accuracy"] = target
-    targets = {s: results[s].pop("_target_accuracy") for s in results}
-    print_table(results, targets)
+        finals = [statistics.mean(r["final"] for r in runs) for runs in methods.values()]
+        targets[setting] = task.target(max(finals) if task.metric == "accuracy" else min(finals))
+        results[setting] = {
+            m: {**summarize(task, runs, targets[setting]), "learning_rate": best_lr[m]} for m, runs in methods.items()
+        }
+    print_table(results, targets, task.metric)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
         "wall_s_total": time.perf_counter() - started,
-        "config": {k: v for k, v in vars(a).items() if k not in ("json", "plots", "alpha_now")},
-        "lr_grid": LR_GRID,
-        "lr_sweep": {"setting": f"{a.datasets[0]}/alpha={a.alphas[0]}, seed 0", "final_accuracy": sweep},
+        "task": a.task,
+        "metric": task.metric,
+        "config": {k: v for k, v in vars(a).items() if k not in ("json", "plots")},
+        "lr_grid": task.lr_grid,
+        "lr_sweep": {"setting": f"{next(iter(raw))}, seed 0", "final": sweep},
         "learning_rates": best_lr,
-        "target_accuracy": targets,
+        "target": targets,
         "results": results,
         "runs": raw,
         "versions": {
@@ -309,26 +330,27 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }  # fmt: skip
     if a.plots:
-        report["plots"] = plot(results, Path(a.plots))
+        report["plots"] = plot(results, task.metric, Path(a.plots))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2))
     print(f"total wall time: {report['wall_s_total']:.0f} s")
 
 
-def print_table(results: dict, targets: dict) -> None:
-    header = f"{'setting':<20} {'method':<14} {'lr':>7} {'final acc':>15} {'best':>6} {'rounds>=tgt':>11} "
+def print_table(results: dict, targets: dict, metric: str) -> None:
+    header = f"{'setting':<22} {'method':<14} {'lr':>7} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
     header += f"{'MB sent':>10} {'peak MiB':>9} {'wall s':>7}"
     print("\n" + header)
     for setting, methods in results.items():
         for method, s in methods.items():
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             print(
-                f"{setting:<20} {method:<14} {s['learning_rate']:>7g} "
-                f"{s['final_accuracy_mean']:>8.4f}±{s['final_accuracy_std']:.4f} {s['best_accuracy_mean']:>6.3f} "
+                f"{setting:<22} {method:<14} {s['learning_rate']:>7g} "
+                f"{s['final_mean']:>8.4f}±{s['final_std']:.4f} {s['best_mean']:>6.3f} "
                 f"{reached:>11} {s['total_bytes'] / 1e6:>10.1f} {s['peak_rss_mib']:>9.0f} {s['wall_s_mean']:>7.1f}"
             )
-        print(f"{setting:<20} target accuracy (90% of the best final): {targets[setting]:.4f}")
+        rule = "90% of the best final accuracy" if metric == "accuracy" else "110% of the best final loss"
+        print(f"{setting:<22} target {metric} ({rule}): {targets[setting]:.4f}")
 
 
 if __name__ == "__main__":

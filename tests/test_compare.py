@@ -1,8 +1,10 @@
-"""bench/compare.py end to end in a tiny configuration: the JSON shape, the sweep, the plots."""
+"""bench/compare.py end to end in tiny configurations: the JSON shape, the sweep, the plots, every task."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -10,23 +12,46 @@ sys.path.insert(0, str(ROOT / "bench"))
 import compare  # noqa: E402
 
 
-def test_compare_writes_results_sweep_and_plots(tmp_path, monkeypatch):
+def run_compare(monkeypatch, tmp_path, *args) -> dict:
     out = tmp_path / "compare.json"
-    argv = [
-        "compare.py", "--datasets", "bbc", "--alphas", "1.0", "--seeds", "1", "--methods", "fedavg", "ffa_lora",
-        "local_only", "--rounds", "2", "--local-steps", "1", "--clients", "3", "--per-round", "2",
-        "--eval-examples", "16", "--seq-len", "16", "--json", str(out), "--plots", str(tmp_path),
-    ]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", ["compare.py", *args, "--json", str(out), "--plots", str(tmp_path)])
     compare.main()
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_compare_writes_results_sweep_and_plots(tmp_path, monkeypatch):
+    report = run_compare(
+        monkeypatch, tmp_path, "--datasets", "bbc", "--alphas", "1.0", "--seeds", "1", "--methods", "fedavg",
+        "ffa_lora", "local_only", "--rounds", "2", "--local-steps", "1", "--clients", "3", "--per-round", "2",
+        "--eval-examples", "16", "--seq-len", "16",
+    )  # fmt: skip
     results = report["results"]["bbc/alpha=1.0"]
-    assert set(results) == {"fedavg", "ffa_lora", "local_only"}
-    assert set(report["lr_sweep"]["final_accuracy"]) == {"fedavg", "ffa_lora", "local_only"}
-    for method, lrs in report["lr_sweep"]["final_accuracy"].items():
+    assert report["metric"] == "accuracy" and set(results) == {"fedavg", "ffa_lora", "local_only"}
+    assert set(report["lr_sweep"]["final"]) == {"fedavg", "ffa_lora", "local_only"}
+    for method, lrs in report["lr_sweep"]["final"].items():
         assert len(lrs) == 2 and str(report["learning_rates"][method]) in {str(float(lr)) for lr in lrs}
-    assert len(results["fedavg"]["accuracy_per_round_mean"]) == 2
+    assert len(results["fedavg"]["per_round_mean"]) == 2
     assert results["ffa_lora"]["total_bytes"] < results["fedavg"]["total_bytes"]
     assert results["local_only"]["total_bytes"] == 0
     assert (tmp_path / "accuracy_per_round.png").stat().st_size > 0
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "task, setting, extra",
+    [
+        ("instruct", "chatterbot/topic", ["--seq-len", "48", "--batch-size", "2", "--eval-examples", "4"]),
+        ("vision", "fashion_mnist/alpha=1.0", ["--clients", "3", "--eval-examples", "32", "--batch-size", "8"]),
+    ],
+)
+def test_compare_runs_the_instruct_and_vision_tasks(tmp_path, monkeypatch, task, setting, extra):
+    report = run_compare(
+        monkeypatch, tmp_path, "--task", task, "--quick", "--methods", "fedavg", "flexlora", "--rounds", "1",
+        "--local-steps", "1", "--per-round", "2", *extra,
+    )  # fmt: skip
+    results = report["results"][setting]
+    assert report["task"] == task and set(results) == {"fedavg", "flexlora"}
+    assert report["metric"] == ("loss" if task == "instruct" else "accuracy")
+    assert results["flexlora"]["total_bytes"] < results["fedavg"]["total_bytes"]
+    metric = report["metric"]
+    assert (tmp_path / f"{metric}_per_round.png").exists() and (tmp_path / f"{metric}_vs_bytes.png").exists()
