@@ -274,6 +274,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     a = parse_args()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # no bar per model load
     task = TASKS[a.task]()
     seeds = list(range(a.seeds))
     started = time.perf_counter()
@@ -338,19 +339,19 @@ def main() -> None:
 
 
 def print_table(results: dict, targets: dict, metric: str) -> None:
-    header = f"{'setting':<22} {'method':<14} {'lr':>7} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
+    header = f"{'setting':<24} {'method':<14} {'lr':>7} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
     header += f"{'MB sent':>10} {'peak MiB':>9} {'wall s':>7}"
     print("\n" + header)
     for setting, methods in results.items():
         for method, s in methods.items():
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             print(
-                f"{setting:<22} {method:<14} {s['learning_rate']:>7g} "
+                f"{setting:<24} {method:<14} {s['learning_rate']:>7g} "
                 f"{s['final_mean']:>8.4f}±{s['final_std']:.4f} {s['best_mean']:>6.3f} "
                 f"{reached:>11} {s['total_bytes'] / 1e6:>10.1f} {s['peak_rss_mib']:>9.0f} {s['wall_s_mean']:>7.1f}"
             )
         rule = "90% of the best final accuracy" if metric == "accuracy" else "110% of the best final loss"
-        print(f"{setting:<22} target {metric} ({rule}): {targets[setting]:.4f}")
+        print(f"{setting:<24} target {metric} ({rule}): {targets[setting]:.4f}")
 
 
 if __name__ == "__main__":
