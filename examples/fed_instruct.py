@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
         for name in sorted(set(train[client_column]))
     }
     logger.info("%d clients: %s", len(clients), {name: len(ds) for name, ds in clients.items()})
-    training_args.num_clients = len(clients)
 
     trainer = FederatedTrainer(
         model=model,

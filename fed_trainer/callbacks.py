@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
+from transformers.utils import logging
 
 from fed_trainer.strategies.base import Strategy, tensor_bytes
+
+logger = logging.get_logger(__name__)
 
 
 class FederatedCallback(TrainerCallback):
@@ -14,7 +18,8 @@ class FederatedCallback(TrainerCallback):
 
     Events of one round, in order: `on_round_begin(round, client_ids, client_weights)`, then for every sampled
     client `on_client_begin(client_id, model, num_examples)` and `on_client_end(client_id, model, num_examples,
-    metrics, optimizer)`, then `on_round_end(round, model, metrics)`. Rounds count from 1. `model` in the client
+    metrics, optimizer)` (not for a client whose training raised: it is dropped), then `on_round_end(round, model,
+    metrics)`. Rounds count from 1. `model` in the client
     events is the client's model as it starts / ends local training (before aggregation); in `on_round_end` it is
     the new global model.
     The usual Trainer events (`on_train_begin`, `on_log`, `on_evaluate`, `on_save`, ...) fire as with `Trainer`.
@@ -64,8 +69,10 @@ class AggregationCallback(FederatedCallback):
         self.round_bytes_down = 0
 
     def on_round_begin(self, args, state, control, round=None, client_weights=None, **kwargs):
-        self.client_weights = client_weights
+        self.round, self.client_weights = round, client_weights
         self.round_bytes_up = self.round_bytes_down = 0
+        self.accepted: list = []  # clients whose update went into the aggregate
+        self.rejected: list = []  # clients whose update held NaN or Inf
         self.strategy.begin_round(round)
 
     def on_client_begin(self, args, state, control, client_id=None, model=None, **kwargs):
@@ -76,7 +83,16 @@ class AggregationCallback(FederatedCallback):
     def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
         payload = self.strategy.client_payload(model, client_id)
         self.round_bytes_up += tensor_bytes(payload)
+        bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            logger.warning(
+                f"Round {self.round}: client {client_id!r} sent an update with NaN or Inf (first in {bad}); it is "
+                "left out of the aggregate."
+            )
+            self.rejected.append(client_id)
+            return
         self.strategy.aggregate(payload, self.client_weights[client_id], client_id)
+        self.accepted.append(client_id)
 
     def on_round_end(self, args, state, control, model=None, **kwargs):
         self.strategy.finish_round(model)

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")
+AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
 
 
 def _deepspeed_zero_stage(deepspeed: Any) -> int:
@@ -70,7 +71,45 @@ class FederatedConfig(TrainingArguments):
         default=1, metadata={"help": "Evaluate the global model every N rounds (0: only after the last round)."}
     )
     save_every_rounds: int = field(
-        default=0, metadata={"help": "Save the global model to output_dir/round-N every N rounds (0: never)."}
+        default=0,
+        metadata={
+            "help": "Write a round checkpoint (the merged global model and the state to resume from) to "
+            "output_dir/round-N every N rounds (0: never); save_total_limit keeps the newest."
+        },
+    )
+    aggregation_rule: str = field(
+        default="mean",
+        metadata={
+            "help": "How client updates are combined: 'mean' (weighted by client_weighting), 'median' "
+            "(coordinate-wise) or 'trimmed_mean' (coordinate-wise, trim_fraction cut at each end); the robust "
+            "rules ignore client weights. For fedavg, fedit and ffa_lora."
+        },
+    )
+    trim_fraction: float = field(
+        default=0.1, metadata={"help": "Share of clients cut at each end by aggregation_rule='trimmed_mean'."}
+    )
+    update_clip_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip each client's update (its change to the aggregated tensors) to this L2 norm before "
+            "aggregating. For fedavg, fedit and ffa_lora."
+        },
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={
+            "help": "Client-level differential privacy (DP-FedAvg): Gaussian noise of std dp_noise_multiplier * "
+            "update_clip_norm is added to the sum of the clipped client updates. Needs update_clip_norm and "
+            "client_weighting='uniform'; for fedavg, fedit and ffa_lora."
+        },
+    )
+    dp_delta: float = field(default=1e-5, metadata={"help": "The delta at which the privacy spent is reported."})
+    min_clients_per_round: int = field(
+        default=1,
+        metadata={
+            "help": "Fewest clients whose updates a round must aggregate; a round with fewer (clients failed or "
+            "were rejected) stops the run with an error after saving a checkpoint of the last finished round."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -82,6 +121,18 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(
                 f"clients_per_round={self.clients_per_round} must be between 1 and num_clients={self.num_clients}; "
                 "leave it unset to train every client each round."
+            )
+        if self.aggregation_rule not in AGGREGATION_RULES:
+            raise ValueError(f"aggregation_rule must be one of {AGGREGATION_RULES}, got {self.aggregation_rule!r}.")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}.")
+        if self.update_clip_norm is not None and self.update_clip_norm <= 0:
+            raise ValueError(f"update_clip_norm must be positive, got {self.update_clip_norm}.")
+        self._check_privacy()
+        if not 1 <= self.min_clients_per_round <= (self.clients_per_round or self.num_clients):
+            raise ValueError(
+                f"min_clients_per_round={self.min_clients_per_round} must be between 1 and the clients of a round "
+                f"({self.clients_per_round or self.num_clients})."
             )
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
@@ -98,13 +149,10 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(f"client_weighting must be one of {CLIENT_WEIGHTINGS}, got {self.client_weighting!r}.")
         if self.eval_every_rounds < 0 or self.save_every_rounds < 0:
             raise ValueError("eval_every_rounds and save_every_rounds must be >= 0 (0 turns the periodic run off).")
-        from fed_trainer.strategies import available_strategies
+        from fed_trainer.strategies.registry import available_strategies, unknown_strategy_message
 
         if self.strategy not in available_strategies():
-            raise ValueError(
-                f"Unknown strategy {self.strategy!r}; choose one of {available_strategies()} "
-                "or register your own with fed_trainer.register_strategy."
-            )
+            raise ValueError(unknown_strategy_message(self.strategy))
         if self.max_steps > 0:
             logger.warning(
                 "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",
@@ -121,6 +169,21 @@ class FederatedConfig(TrainingArguments):
             )
         if self.partition_alpha <= 0:
             raise ValueError(f"partition_alpha must be positive, got {self.partition_alpha}.")
+
+    def _check_privacy(self) -> None:
+        if self.dp_noise_multiplier is None:
+            return
+        if self.dp_noise_multiplier < 0 or not 0 < self.dp_delta < 1:
+            raise ValueError("dp_noise_multiplier must be >= 0 and dp_delta in (0, 1).")
+        if self.update_clip_norm is None:
+            raise ValueError(
+                "dp_noise_multiplier needs update_clip_norm: the noise is calibrated to the clipped update norm."
+            )
+        if self.client_weighting != "uniform" or self.aggregation_rule != "mean":
+            raise ValueError(
+                "DP-FedAvg needs client_weighting='uniform' and aggregation_rule='mean': with example-count weights "
+                "one client's influence, and so the noise needed, is unbounded."
+            )
 
     def _check_galore(self) -> None:
         optim = str(getattr(self.optim, "value", self.optim))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from torch import nn
@@ -17,12 +20,28 @@ from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
 from fed_trainer.callbacks import AggregationCallback, RoundProgressCallback, call_federated_event
+from fed_trainer.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from fed_trainer.checkpoint import PREFIX as CHECKPOINT_PREFIX
+from fed_trainer.checkpoint import (
+    STATE_FILE,
+    cpu_state,
+    resolve_checkpoint,
+    restore_rng_states,
+    rng_states,
+    write_checkpoint,
+)
 from fed_trainer.client import ClientRunner, local_steps_for
 from fed_trainer.config import FederatedConfig
 from fed_trainer.partition import partition_dataset
+from fed_trainer.privacy import dp_epsilon
 from fed_trainer.strategies import Strategy, get_strategy
 
 logger = logging.get_logger(__name__)
+
+
+def _model_class_name(model: nn.Module) -> str:
+    """The class of the model under any PEFT wrapper."""
+    return type(model.get_base_model() if isinstance(model, PeftModel) else model).__name__
 
 
 def client_datasets_from(args: FederatedConfig, client_datasets, train_dataset) -> dict[object, Dataset]:
@@ -112,6 +131,7 @@ class FederatedTrainer(Trainer):
             )
         self.strategy = strategy if strategy is not None else get_strategy(args.strategy)
         self.client_datasets = client_datasets_from(args, client_datasets, train_dataset)
+        args.num_clients = len(self.client_datasets)
         if args.clients_per_round is not None and args.clients_per_round > len(self.client_datasets):
             raise ValueError(
                 f"clients_per_round={args.clients_per_round} exceeds the {len(self.client_datasets)} clients given; "
@@ -182,10 +202,14 @@ class FederatedTrainer(Trainer):
         total = sum(len(self.client_datasets[cid]) for cid in client_ids)
         return {cid: len(self.client_datasets[cid]) / total for cid in client_ids}
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs) -> TrainOutput:
-        """Run `args.num_rounds` federated rounds; returns a `TrainOutput` (schedule steps, mean client loss)."""
-        if resume_from_checkpoint:
-            raise ValueError("Resuming a federated run from a checkpoint is not supported yet; start a new run.")
+    def train(
+        self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval=None, **kwargs
+    ) -> TrainOutput:
+        """Run `args.num_rounds` federated rounds; returns a `TrainOutput` (schedule steps, mean client loss).
+
+        `resume_from_checkpoint`: True (the newest `round-N` checkpoint in `output_dir`) or a checkpoint folder;
+        the run continues after that round and ends as an uninterrupted run with the same seed would.
+        """
         args = self.args
         self.is_in_train = True
         runner = ClientRunner(self)
@@ -196,28 +220,36 @@ class FederatedTrainer(Trainer):
             is_world_process_zero=self.is_world_process_zero(),
         )
         self.state.epoch = None
+        self._progress = {"round": 0, "total_bytes_up": 0, "total_bytes_down": 0, "round_losses": []}
+        if resume_from_checkpoint:
+            self._resume(resolve_checkpoint(resume_from_checkpoint, args.output_dir))
+            self.state.global_step = self._progress["round"] * steps_per_round
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
-        total_up = total_down = 0
-        round_losses = []
-        for round_number in range(1, args.num_rounds + 1):
+        progress = self._progress
+        for round_number in range(progress["round"] + 1, args.num_rounds + 1):
             logs = self._run_round(round_number, runner, steps_per_round)
-            total_up += logs["bytes_up"]
-            total_down += logs["bytes_down"]
-            logs.update(total_bytes_up=total_up, total_bytes_down=total_down)
-            round_losses.append(logs["train_loss"])
+            progress["total_bytes_up"] += logs["bytes_up"]
+            progress["total_bytes_down"] += logs["bytes_down"]
+            progress["round_losses"].append(logs["train_loss"])
+            progress["round"] = round_number
+            logs.update(total_bytes_up=progress["total_bytes_up"], total_bytes_down=progress["total_bytes_down"])
             if self._evaluation_due(round_number) and self.eval_dataset is not None:
                 with self._logging_into(logs):
                     self.evaluate(ignore_keys=ignore_keys_for_eval)
             self.log(logs)
             if args.save_every_rounds and round_number % args.save_every_rounds == 0:
-                self.save_model(os.path.join(args.output_dir, f"round-{round_number}"))
+                self.save_round_checkpoint()
             if self.control.should_training_stop:
                 break
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
         metrics = speed_metrics("train", start_time, num_steps=self.state.global_step)
-        metrics.update(train_loss=float(np.mean(round_losses)), total_bytes_up=total_up, total_bytes_down=total_down)
+        metrics.update(
+            train_loss=float(np.mean(progress["round_losses"])) if progress["round_losses"] else float("nan"),
+            total_bytes_up=progress["total_bytes_up"],
+            total_bytes_down=progress["total_bytes_down"],
+        )
         self.log(dict(metrics))
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
@@ -229,39 +261,127 @@ class FederatedTrainer(Trainer):
             self.callback_handler, "on_round_begin", args, state, self.control,
             round=round_number, client_ids=client_ids, client_weights=weights,
         )  # fmt: skip
-        losses = []
+        losses, failed = {}, []
         for position, client_id in enumerate(client_ids):
             dataset = self.client_datasets[client_id]
             event = dict(client_id=client_id, model=self.model, num_examples=len(dataset))
             self.control = call_federated_event(
                 self.callback_handler, "on_client_begin", args, state, self.control, **event
             )
-            output = runner.train(
-                dataset,
-                client_id,
-                seed=args.seed + (round_number - 1) * len(self.client_datasets) + position,
-                offset=(round_number - 1) * steps_per_round,
-                schedule_steps=state.max_steps,
-            )
-            losses.append(output.training_loss)
+            try:
+                output = runner.train(
+                    dataset,
+                    client_id,
+                    seed=args.seed + (round_number - 1) * len(self.client_datasets) + position,
+                    offset=(round_number - 1) * steps_per_round,
+                    schedule_steps=state.max_steps,
+                )
+            except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
+                logger.warning(
+                    f"Round {round_number}: client {client_id!r} failed and is dropped from the round: "
+                    f"{type(err).__name__}: {err}"
+                )
+                failed.append(client_id)
+                runner.release()
+                continue
+            losses[client_id] = output.training_loss
             self.control = call_federated_event(
                 self.callback_handler, "on_client_end", args, state, self.control,
                 **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
             )  # fmt: skip
             runner.release()
+        kept = self.aggregation.accepted
+        if len(kept) < args.min_clients_per_round:
+            self._abandon_round(round_number, len(client_ids), failed, self.aggregation.rejected)
         state.global_step = round_number * steps_per_round
         logs = {
             "round": round_number,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": float(np.mean([losses[cid] for cid in kept])),
             "learning_rate": runner.last_learning_rate,
-            "num_clients": len(client_ids),
+            "num_clients": len(kept),
         }
+        if failed or self.aggregation.rejected:
+            logs["num_clients_dropped"] = len(failed) + len(self.aggregation.rejected)
+        if args.dp_noise_multiplier is not None:
+            logs["dp_epsilon"] = self.privacy_spent(round_number)
         self.control = call_federated_event(
             self.callback_handler, "on_round_end", args, state, self.control,
             round=round_number, model=self.model, metrics=logs,
         )  # fmt: skip
         logs.update(bytes_up=self.aggregation.round_bytes_up, bytes_down=self.aggregation.round_bytes_down)
         return logs
+
+    def privacy_spent(self, rounds: int) -> float:
+        """Client-level epsilon at `args.dp_delta` after `rounds` DP-FedAvg rounds (opacus's RDP accountant)."""
+        args = self.args
+        sample_rate = (args.clients_per_round or len(self.client_datasets)) / len(self.client_datasets)
+        return dp_epsilon(args.dp_noise_multiplier, sample_rate, rounds, args.dp_delta)
+
+    def _abandon_round(self, round_number: int, sampled: int, failed: list, rejected: list) -> None:
+        """Too few clients finished: put the last global model back, checkpoint it, and stop with an error."""
+        self.strategy.restore_global(self.model)
+        saved = self.save_round_checkpoint()
+        raise RuntimeError(
+            f"Round {round_number}: only {sampled - len(failed) - len(rejected)} of {sampled} clients gave a usable "
+            f"update (failed: {failed}, rejected for NaN/Inf: {rejected}), fewer than min_clients_per_round="
+            f"{self.args.min_clients_per_round}. The global model after round {round_number - 1} is saved in "
+            f"{saved}; fix the failing clients and continue with trainer.train(resume_from_checkpoint=True), or "
+            "lower min_clients_per_round."
+        )
+
+    def save_round_checkpoint(self) -> str:
+        """Write `output_dir/round-N` for the last finished round N: the merged global model (a plain
+        transformers model) and `federated_state.pt` to resume from. Atomic: written aside, then renamed."""
+        directory = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self._progress['round']}"
+        if self.args.should_save:
+
+            def write(staging: Path) -> None:
+                self.save_model(str(staging))
+                torch.save(self._federated_state(), staging / STATE_FILE)
+
+            write_checkpoint(directory, write, keep=self.args.save_total_limit)
+        return str(directory)
+
+    def _federated_state(self) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "round": self._progress["round"],
+            "strategy": self.strategy.name,
+            "model_class": _model_class_name(model),
+            "model": cpu_state(model.state_dict()),
+            "strategy_state": self.strategy.state_dict(),
+            "progress": copy.deepcopy(self._progress),
+            "log_history": copy.deepcopy(self.state.log_history),
+            "rng": rng_states(),
+        }
+
+    def _resume(self, path: Path) -> None:
+        """Load a round checkpoint into the live model, the strategy and the run's progress; refuse one written
+        by another strategy or for another model, before anything is changed."""
+        checkpoint = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+        model = self.accelerator.unwrap_model(self.model)
+        if checkpoint["strategy"] != self.strategy.name:
+            raise ValueError(
+                f"{path} was written by a run with strategy {checkpoint['strategy']!r}, but this run uses "
+                f"{self.strategy.name!r}: resume with the same strategy, or start a new run in another output_dir."
+            )
+        saved, live = checkpoint["model"], model.state_dict()
+        differing = sorted(saved.keys() ^ live.keys())
+        if checkpoint["model_class"] != _model_class_name(model) or differing:
+            raise ValueError(
+                f"{path} holds a {checkpoint['model_class']} whose weights do not match this "
+                f"{_model_class_name(model)} (e.g. {differing[:3]}): resume with the model (and peft_config) of "
+                "the checkpointed run."
+            )
+        try:
+            self.strategy.load_state_dict(model, checkpoint["strategy_state"], saved)
+        except RuntimeError as err:  # shapes differ
+            raise ValueError(f"{path} holds a model of other shapes than this one: {err}") from err
+        restore_rng_states(checkpoint["rng"])
+        self.state.log_history = checkpoint["log_history"]
+        self._progress = checkpoint["progress"]
+        logger.info(f"Resuming from {path}: {self._progress['round']} of {self.args.num_rounds} rounds done.")
 
     def _evaluation_due(self, round_number: int) -> bool:
         every = self.args.eval_every_rounds
@@ -318,6 +438,17 @@ class FederatedTrainer(Trainer):
             f"- partition: `{args.partition}`"
             + (f" (alpha={args.partition_alpha})" if args.partition == "dirichlet" else ""),
             f"- client weighting: `{args.client_weighting}`",
+            f"- aggregation rule: `{args.aggregation_rule}`"
+            + (f", updates clipped to L2 norm {args.update_clip_norm}" if args.update_clip_norm is not None else ""),
+            *(
+                [
+                    f"- differential privacy: client-level DP-FedAvg, noise multiplier {args.dp_noise_multiplier}; "
+                    f"(epsilon, delta) = ({self.privacy_spent(len(rounds)):.3g}, {args.dp_delta:g}) after "
+                    f"{len(rounds)} rounds (opacus RDP accountant)"
+                ]
+                if args.dp_noise_multiplier is not None and rounds
+                else []
+            ),
             "",
             "Final metrics of the global model:",
             "",

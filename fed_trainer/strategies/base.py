@@ -38,6 +38,7 @@ class Strategy(ABC):
     def __init__(self) -> None:
         self.args: FederatedConfig | None = None
         self._sum: TensorDict | None = None
+        self._mass = 0.0  # the sum of the weights aggregated this round
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
@@ -65,16 +66,43 @@ class Strategy(ABC):
 
     def begin_round(self, round_number: int) -> None:
         """Called with the round number (from 1) before the round's first client; zeroes the running aggregate."""
+        self._mass = 0.0
         if self._sum is not None:
             for t in self._sum.values():
                 t.zero_()
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
-        """Add `weight * payload` to the running sum, in float32 whatever the payload's dtype."""
+        """Add `weight * payload` to the running sum, in float32 whatever the payload's dtype.
+
+        The weights of a round sum to one unless a client failed or was rejected; `finish_round` divides by the
+        weight actually aggregated (`aggregated_weight`), so the result is the weighted mean of the clients kept.
+        """
+        self._mass += weight
         if self._sum is None:
             self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in payload.items()}
         for k, v in payload.items():
             self._sum[k].add_(v.detach(), alpha=weight)
+
+    @property
+    def aggregated_weight(self) -> float:
+        """The sum of the weights aggregated so far this round."""
+        return self._mass
+
+    def restore_global(self, model: nn.Module) -> None:
+        """Make the live `model` the global model of the last finished round again, undoing the training of this
+        round's clients (used when a round is abandoned, before its checkpoint is written)."""
+        raise NotImplementedError(
+            f"strategy {self.name!r} does not implement restore_global, so an abandoned round cannot be undone."
+        )
+
+    def state_dict(self) -> dict:
+        """What the strategy needs, beyond the live model's weights, to continue a run (saved in round
+        checkpoints); tensors only in plain containers."""
+        return {}
+
+    def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
+        """Resume: load the checkpoint's `model_state` into `model` and restore `state` from `state_dict()`."""
+        model.load_state_dict(model_state)
 
     def merged_model(self, model: nn.Module) -> nn.Module:
         """The global model as a plain transformers model (strategies with adapters fold them in)."""

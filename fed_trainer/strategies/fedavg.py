@@ -5,9 +5,13 @@ With `optim="galore_adamw"` the clients train with GaLore and this is "GaLore + 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from fed_trainer.config import FederatedConfig
+from fed_trainer.privacy import private_average
+from fed_trainer.robust import clipped, robust_aggregate
 from fed_trainer.strategies.base import Strategy, TensorDict
 from fed_trainer.strategies.registry import register_strategy
 
@@ -29,14 +33,46 @@ class FedAvg(Strategy):
     Subclasses narrow what is averaged with `averaged_state` and add their own tensors around it.
     """
 
+    # Whether `aggregation_rule`, `update_clip_norm` and DP apply: true where the aggregate is an entry-wise
+    # average of the payloads; false where it is built from products of factors, which those do not bound (and
+    # where the server uses each client's factors, not only their noised sum).
+    robust_rules: ClassVar[bool] = True
+
     def averaged_state(self, model: nn.Module) -> TensorDict:
         """The live tensors that are sent both ways and averaged with weights p_k."""
         return trainable_state(model)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
+        if not self.robust_rules and (args.aggregation_rule != "mean" or args.update_clip_norm is not None):
+            raise ValueError(
+                f"strategy {self.name!r} cannot use aggregation_rule={args.aggregation_rule!r}, update_clip_norm or "
+                "differential privacy: "
+                "its aggregate is built from products of LoRA factors, which a coordinate-wise rule or a clip of "
+                "the factors does not bound. Use 'fedavg', 'fedit' or 'ffa_lora' (FFA-LoRA's shared A makes "
+                "them exact), or aggregation_rule='mean' without update_clip_norm."
+            )
         model = super().setup(model, args)
         self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
         return model
+
+    def begin_round(self, round_number: int) -> None:
+        super().begin_round(round_number)
+        self._kept: list[TensorDict] = []  # the payloads a robust rule needs all at once
+
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        args = self.args
+        if args.update_clip_norm is not None:
+            payload = clipped(payload, self.global_state, args.update_clip_norm)
+        if args.aggregation_rule == "mean":
+            super().aggregate(payload, weight, client_id)
+            self._client_weight = weight  # uniform under DP: 1 / (clients sampled)
+        else:
+            self._kept.append({name: t.detach().float().clone() for name, t in payload.items()})
+
+    def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
+        super().load_state_dict(model, state, model_state)
+        for name, value in self.averaged_state(model).items():  # between rounds the live model is the global one
+            self.global_state[name].copy_(value)
 
     def server_message(self, client_id) -> TensorDict:
         return dict(self.global_state)
@@ -51,7 +87,19 @@ class FedAvg(Strategy):
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
         return self.averaged_state(model)
 
-    def finish_round(self, model: nn.Module) -> None:
-        for name, value in self.global_state.items():
-            value.copy_(self._sum[name])
+    def restore_global(self, model: nn.Module) -> None:
         FedAvg.load_client(self, model, self.global_state, client_id=None)
+
+    def finish_round(self, model: nn.Module) -> None:
+        args = self.args
+        if args.aggregation_rule == "mean" and args.dp_noise_multiplier is not None:
+            std = args.dp_noise_multiplier * args.update_clip_norm * self._client_weight
+            aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std)
+        elif args.aggregation_rule == "mean":
+            aggregate = {name: total / self.aggregated_weight for name, total in self._sum.items()}
+        else:
+            aggregate = robust_aggregate(self._kept, args.aggregation_rule, args.trim_fraction)
+            self._kept = []
+        for name, value in self.global_state.items():
+            value.copy_(aggregate[name])
+        FedAvg.restore_global(self, model)

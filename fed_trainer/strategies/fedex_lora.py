@@ -6,6 +6,8 @@ exactly sum_k p_k W_k. Uplink r(out+in) per layer; the downlink adds the dense b
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ from fed_trainer.strategies.registry import register_strategy
 
 @register_strategy("fedex_lora")
 class FedExLoRA(LoraStrategy):
+    robust_rules: ClassVar[bool] = False
+
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
         self._products: dict[str, torch.Tensor] = {}
@@ -41,5 +45,6 @@ class FedExLoRA(LoraStrategy):
         super().finish_round(model)
         for name, layer in self.layers.items():
             a, b = lora_factors(layer)  # now the averaged factors
-            residual = self._products[name] - layer.scaling[ADAPTER] * (b.float() @ a.float())
+            average = self._products[name] / self.aggregated_weight
+            residual = average - layer.scaling[ADAPTER] * (b.float() @ a.float())
             fold_into_base(layer, residual)

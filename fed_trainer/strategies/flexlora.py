@@ -14,7 +14,7 @@ from torch import nn
 
 from fed_trainer.lowrank import truncated_svd_of_product
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import StackedLoraStrategy, set_lora_factors
+from fed_trainer.strategies.lora import StackedLoraStrategy, lora_factors, set_lora_factors
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -24,6 +24,17 @@ class FlexLoRA(StackedLoraStrategy):
         model = super().setup(model, args, peft_configs)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         return model
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "svd": self.svd}
+
+    def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
+        super().load_state_dict(model, state, model_state)
+        self.svd = state["svd"]
+        if self.svd:
+            self.global_factors = {
+                name: (*(t.clone() for t in lora_factors(layer)), 1.0) for name, layer in self.layers.items()
+            }
 
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)
@@ -53,4 +64,5 @@ class FlexLoRA(StackedLoraStrategy):
             left, right = self.stacked(name)
             self.svd[name] = truncated_svd_of_product(left, right, max_rank)
             # The live model holds the exact global model: an adapter of rank R with scaling 1.
+            self.global_factors[name] = (right, left, 1.0)
             set_lora_factors(layer, right, left, 1.0)

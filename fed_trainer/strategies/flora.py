@@ -23,6 +23,13 @@ class FLoRA(StackedLoraStrategy):
             lora_parameters(layer)[1].data.zero_()
         return model
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stacks": self.stacks}
+
+    def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
+        super().load_state_dict(model, state, model_state)
+        self.stacks = state["stacks"]
+
     def server_message(self, client_id) -> TensorDict:
         # The stacks are what a real client needs to fold the last round into its own base weight; in the
         # simulation the shared live model's base already holds them. No factors: each client starts afresh.

@@ -107,13 +107,40 @@ class LoraStrategy(FedAvg):
         self.round_number = 0
         self.args = args
         first = next(iter(self.client_configs.values()))
-        if not isinstance(model, PeftModel):
-            model = get_peft_model(model, first)
+        wrapped = not isinstance(model, PeftModel)
+        if wrapped:
+            names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+            try:
+                model = get_peft_model(model, first)
+            except ValueError as err:
+                if "target" not in str(err):
+                    raise
+                raise ValueError(
+                    f"target_modules={first.target_modules} matched no layer of the model; its linear layers end in "
+                    f"{names[:12]}: name some of those ({err})."
+                ) from err
         self.layers = lora_layers(model)
-        if not self.layers:
-            raise ValueError(f"target_modules={first.target_modules} matched no layer of the model.")
+        try:
+            self._check_layers(first)
+        except ValueError:
+            if wrapped:  # give the caller's model back as it came
+                model.unload()
+            raise
         self.prepare_adapter(model)
         return super().setup(model, args)
+
+    def _check_layers(self, first: LoraConfig) -> None:
+        if not self.layers:
+            raise ValueError(f"target_modules={first.target_modules} matched no layer of the model.")
+        rank = max(config.r for config in self.client_configs.values())
+        for name, layer in self.layers.items():
+            a, b = lora_factors(layer)
+            if rank > min(b.shape[0], a.shape[1]):
+                raise ValueError(
+                    f"LoRA rank {rank} is larger than layer {name} allows: its update is {b.shape[0]} x "
+                    f"{a.shape[1]}, so a rank above {min(b.shape[0], a.shape[1])} adds nothing but cost. Lower r "
+                    "(or lora_ranks), or leave this layer out of target_modules."
+                )
 
     def prepare_adapter(self, model: nn.Module) -> None:
         """Hook run once on the freshly wrapped model, before the global state is taken from it."""
@@ -153,6 +180,17 @@ class LoraStrategy(FedAvg):
         entropy = [self.args.seed, self.round_number, self.client_index[client_id]]
         return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
+    def state_dict(self) -> dict:
+        return {"scalings": {name: layer.scaling[ADAPTER] for name, layer in self.layers.items()}}
+
+    def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
+        # The live adapters may have another rank and scaling than a fresh model's (FlexLoRA keeps rank sum r_k
+        # with scaling 1): shape them as in the checkpoint before loading its weights.
+        for name, layer in self.layers.items():
+            a, b = (model_state[key] for key in factor_names(name))
+            set_lora_factors(layer, a.flatten(1), b.flatten(1), state["scalings"][name])
+        super().load_state_dict(model, state, model_state)
+
     def merged_model(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).merge_and_unload()
 
@@ -164,6 +202,20 @@ class StackedLoraStrategy(LoraStrategy):
     """
 
     heterogeneous_ranks: ClassVar[bool] = True
+    robust_rules: ClassVar[bool] = False
+
+    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
+        # The global adapter (A, B, scaling) by layer, where the global model has one; else it carries none (B = 0).
+        self.global_factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        return super().setup(model, args, peft_configs)
+
+    def restore_global(self, model: nn.Module) -> None:
+        super().restore_global(model)
+        for name, layer in self.layers.items():
+            if name in self.global_factors:
+                set_lora_factors(layer, *self.global_factors[name])
+            else:
+                lora_parameters(layer)[1].data.zero_()
 
     def averaged_state(self, model: nn.Module) -> TensorDict:
         return {name: t for name, t in trainable_state(model).items() if not is_lora_factor(name)}
@@ -211,5 +263,6 @@ class StackedLoraStrategy(LoraStrategy):
             self._right[name].append(a.flatten(1).to(torch.float32, copy=True))
 
     def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(left, right) of this round for layer `name`: left @ right = sum_k p_k s_k B_k A_k."""
-        return torch.cat(self._left[name], dim=1), torch.cat(self._right[name], dim=0)
+        """(left, right) of this round for layer `name`: left @ right = sum_k p_k s_k B_k A_k (over the weight
+        aggregated, so the clients kept in the round)."""
+        return torch.cat(self._left[name], dim=1) / self.aggregated_weight, torch.cat(self._right[name], dim=0)

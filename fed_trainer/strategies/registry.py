@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 from fed_trainer.strategies.base import Strategy
@@ -29,8 +30,18 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def unknown_strategy_message(name: str) -> str:
+    """The error for an unregistered name: the closest registered one, and all of them."""
+    close = difflib.get_close_matches(name.lower().replace("-", "_"), available_strategies(), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (
+        f"Unknown strategy {name!r}.{hint} Registered strategies: {available_strategies()}; register your own with "
+        "fed_trainer.register_strategy."
+    )
+
+
 def get_strategy(name: str) -> Strategy:
     """A new instance of the strategy registered as `name`."""
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown strategy {name!r}; choose one of {available_strategies()}.")
+        raise ValueError(unknown_strategy_message(name))
     return _REGISTRY[name]()
