@@ -33,7 +33,7 @@ from transformers import (
 
 from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets import load_bbc_news, minilm_path
-from fed_trainer.cli import LoraArguments, parse_args_with_recipe
+from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ TASK_TO_KEYS = {
 # The embedded default run: what `python examples/fed_glue.py` does with no arguments. BBC articles open with
 # their headline and lead, so 64 tokens suffice for the topic and keep the run to a few minutes on 2 CPU cores.
 DEFAULTS = dict(
+    **EXAMPLE_DEFAULTS,
     output_dir="fed_glue_output",
     num_clients=4,
     num_rounds=5,
@@ -60,11 +61,7 @@ DEFAULTS = dict(
     per_device_eval_batch_size=64,
     learning_rate=1e-4,
     warmup_steps=5,
-    eval_every_rounds=1,
-    report_to="none",
-    dataloader_pin_memory=False,
     max_seq_length=64,
-    seed=42,
     lora_target_modules=["query", "key", "value", "dense"],
 )
 
@@ -183,17 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=model_args.peft_config(training_args.strategy, task_type="SEQ_CLS"),
         client_peft_configs=model_args.lora_ranks,
     )
-    train_result = trainer.train()
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
-
-    metrics = trainer.evaluate()
-    metrics["eval_samples"] = len(eval_dataset)
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    return metrics
+    return train_save_evaluate(trainer, len(eval_dataset))
 
 
 if __name__ == "__main__":

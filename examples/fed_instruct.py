@@ -32,13 +32,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets import load_chatterbot_qa, smollm2_path
 from fed_trainer.chat import chat_example_tokenizer, has_answer_tokens
-from fed_trainer.cli import LoraArguments, parse_args_with_recipe
+from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
 
 logger = logging.getLogger(__name__)
 
 # The embedded default run: 4 of the 21 topic clients per round, 3 rounds of 5 local steps; a few minutes on 2
 # CPU cores. Full fine-tuning wants a small rate; LoRA strategies want about 10x more (pass --learning_rate).
 DEFAULTS = dict(
+    **EXAMPLE_DEFAULTS,
     output_dir="fed_instruct_output",
     num_rounds=3,
     clients_per_round=4,
@@ -47,11 +48,7 @@ DEFAULTS = dict(
     per_device_eval_batch_size=16,
     learning_rate=2e-5,
     warmup_steps=2,
-    eval_every_rounds=1,
-    report_to="none",
-    dataloader_pin_memory=False,
     max_eval_samples=64,
-    seed=42,
 )
 
 
@@ -139,18 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=model_args.peft_config(training_args.strategy, task_type="CAUSAL_LM"),
         client_peft_configs=model_args.lora_ranks,
     )
-    train_result = trainer.train()
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
-
-    metrics = trainer.evaluate()
-    metrics["eval_samples"] = len(validation)
-    metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    return metrics
+    return train_save_evaluate(trainer, len(validation), lambda m: {"perplexity": math.exp(min(m["eval_loss"], 50.0))})
 
 
 if __name__ == "__main__":

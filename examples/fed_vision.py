@@ -28,12 +28,13 @@ from transformers import EvalPrediction
 from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets.efficientnet_lite import CLASSIFIER, POINTWISE_CONVS, efficientnet_lite0
 from fed_trainer.assets.fashion_mnist import CLASSES, GreyImageCollator, load_fashion_mnist
-from fed_trainer.cli import LoraArguments, parse_args_with_recipe
+from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
 
 logger = logging.getLogger(__name__)
 
 # The embedded default run: a few minutes on 2 CPU cores.
 DEFAULTS = dict(
+    **EXAMPLE_DEFAULTS,
     output_dir="fed_vision_output",
     num_clients=10,
     clients_per_round=5,
@@ -45,10 +46,6 @@ DEFAULTS = dict(
     per_device_eval_batch_size=128,
     learning_rate=3e-3,
     warmup_steps=5,
-    eval_every_rounds=1,
-    report_to="none",
-    dataloader_pin_memory=False,
-    seed=42,
     lora_target_modules=POINTWISE_CONVS,
     lora_modules_to_save=[CLASSIFIER],
 )
@@ -89,17 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=lora_args.peft_config(training_args.strategy),
         client_peft_configs=lora_args.lora_ranks,
     )
-    train_result = trainer.train()
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
-
-    metrics = trainer.evaluate()
-    metrics["eval_samples"] = len(data["validation"])
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    return metrics
+    return train_save_evaluate(trainer, len(data["validation"]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""What the example scripts share: LoRA arguments and command lines layered over YAML recipes."""
+"""What the example scripts share: LoRA arguments, command lines layered over YAML recipes, and the
+train-save-evaluate tail of transformers' `run_*.py` scripts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import yaml
@@ -9,6 +11,9 @@ from peft import LoraConfig
 from transformers import HfArgumentParser
 
 from fed_trainer.strategies import get_strategy
+
+# Defaults every example shares (each adds its own model, data and federation sizes).
+EXAMPLE_DEFAULTS = dict(report_to="none", dataloader_pin_memory=False, eval_every_rounds=1, seed=42)
 
 
 @dataclass
@@ -59,3 +64,20 @@ def parse_args_with_recipe(dataclass_types: tuple, argv: list[str], defaults: di
         with open(recipe, encoding="utf-8") as f:
             parser.set_defaults(**(yaml.safe_load(f) or {}))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def train_save_evaluate(trainer, eval_samples: int, extra_metrics: Callable[[dict], dict] | None = None) -> dict:
+    """Train, save the global model, the train metrics and the trainer state, evaluate and save the eval metrics
+    (`eval_samples` and whatever `extra_metrics(metrics)` adds); returns the eval metrics."""
+    train_result = trainer.train()
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate()
+    metrics["eval_samples"] = eval_samples
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(metrics))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return metrics
