@@ -254,7 +254,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alphas", nargs="+", type=float, help="Dirichlet alphas of the label splits (default 0.1 1.0)")
     p.add_argument("--seeds", type=int, help="default 3")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--local-clients", type=int, help="clients local_only averages over (default: all)")
+    p.add_argument("--local-clients", type=int, help="clients local_only averages over (default: the task's)")
     for name in ("clients", "per-round", "rounds", "local-steps", "batch-size", "seq-len", "eval-examples"):
         p.add_argument(f"--{name}", type=int, help="default: the task's (bench/tasks.py)")
     a = p.parse_args()
@@ -265,7 +265,7 @@ def parse_args() -> argparse.Namespace:
     for key, value in defaults.items():  # flags given on the command line win
         if getattr(a, key) is None:
             setattr(a, key, value)
-    a.local_clients = a.local_clients or a.clients
+    a.local_clients = a.local_clients or a.clients  # tasks without a default: every client
     if task.client_column is not None:
         a.alphas = [None]  # natural clients: no label split
     return a

@@ -58,14 +58,16 @@ class Task:
 
 class TextClassification(Task):
     name, datasets = "text", ("bbc", "movies")
-    lr_grid = {"full": [1e-4, 3e-4], "galore": [1e-3, 3e-3], "lora": [2e-3, 5e-3]}
+    lr_grid = {"full": [1e-4, 3e-4, 1e-3], "galore": [1e-3, 3e-3, 1e-2], "lora": [2e-3, 5e-3, 1e-2]}
     lora = dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
     galore = dict(
         optim="galore_adamw",
         optim_target_modules=["attention", "intermediate", "output.dense"],
         optim_args="rank=64,update_proj_gap=20,scale=0.25",
     )
-    defaults = dict(clients=10, per_round=5, rounds=5, local_steps=3, batch_size=8, seq_len=32, eval_examples=200)
+    defaults = dict(
+        clients=10, per_round=5, rounds=5, local_steps=3, batch_size=8, seq_len=32, eval_examples=200, local_clients=5
+    )
 
     def __init__(self):
         self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())

@@ -112,6 +112,11 @@ class FederatedConfig(TrainingArguments):
         },
     )
 
+    @property
+    def clients_sampled_per_round(self) -> int:
+        """How many clients each round samples: `clients_per_round`, or every client when it is unset."""
+        return self.clients_per_round or self.num_clients
+
     def __post_init__(self) -> None:
         self._check_galore()  # before TrainingArguments sets up DeepSpeed for a combination we refuse
         super().__post_init__()
@@ -129,10 +134,10 @@ class FederatedConfig(TrainingArguments):
         if self.update_clip_norm is not None and self.update_clip_norm <= 0:
             raise ValueError(f"update_clip_norm must be positive, got {self.update_clip_norm}.")
         self._check_privacy()
-        if not 1 <= self.min_clients_per_round <= (self.clients_per_round or self.num_clients):
+        if not 1 <= self.min_clients_per_round <= self.clients_sampled_per_round:
             raise ValueError(
                 f"min_clients_per_round={self.min_clients_per_round} must be between 1 and the clients of a round "
-                f"({self.clients_per_round or self.num_clients})."
+                f"({self.clients_sampled_per_round})."
             )
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")

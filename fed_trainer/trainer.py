@@ -189,7 +189,7 @@ class FederatedTrainer(Trainer):
     def sample_clients(self, round_number: int) -> list:
         """The ids of the clients trained in round `round_number` (1-based), the same for the same seed."""
         ids = list(self.client_datasets)
-        count = self.args.clients_per_round or len(ids)
+        count = self.args.clients_sampled_per_round
         if count >= len(ids):
             return ids
         rng = np.random.default_rng((self.args.seed, round_number))
@@ -314,7 +314,7 @@ class FederatedTrainer(Trainer):
     def privacy_spent(self, rounds: int) -> float:
         """Client-level epsilon at `args.dp_delta` after `rounds` DP-FedAvg rounds (opacus's RDP accountant)."""
         args = self.args
-        sample_rate = (args.clients_per_round or len(self.client_datasets)) / len(self.client_datasets)
+        sample_rate = args.clients_sampled_per_round / args.num_clients
         return dp_epsilon(args.dp_noise_multiplier, sample_rate, rounds, args.dp_delta)
 
     def _abandon_round(self, round_number: int, sampled: int, failed: list, rejected: list) -> None:
@@ -432,7 +432,7 @@ class FederatedTrainer(Trainer):
             f"- strategy: `{self.strategy.name}`",
             f"- local optimizer: `{getattr(args.optim, 'value', args.optim)}`",
             f"- rounds: {len(rounds)} of {args.num_rounds}",
-            f"- clients: {num_clients} ({args.clients_per_round or num_clients} per round)",
+            f"- clients: {num_clients} ({args.clients_sampled_per_round} per round)",
             f"- local steps per round: {args.local_steps if args.local_steps is not None else args.local_epochs}"
             + (" epochs" if args.local_steps is None else ""),
             f"- partition: `{args.partition}`"

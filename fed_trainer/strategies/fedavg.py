@@ -65,7 +65,6 @@ class FedAvg(Strategy):
             payload = clipped(payload, self.global_state, args.update_clip_norm)
         if args.aggregation_rule == "mean":
             super().aggregate(payload, weight, client_id)
-            self._client_weight = weight  # uniform under DP: 1 / (clients sampled)
         else:
             self._kept.append({name: t.detach().float().clone() for name, t in payload.items()})
 
@@ -93,7 +92,7 @@ class FedAvg(Strategy):
     def finish_round(self, model: nn.Module) -> None:
         args = self.args
         if args.aggregation_rule == "mean" and args.dp_noise_multiplier is not None:
-            std = args.dp_noise_multiplier * args.update_clip_norm * self._client_weight
+            std = args.dp_noise_multiplier * args.update_clip_norm / args.clients_sampled_per_round
             aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std)
         elif args.aggregation_rule == "mean":
             aggregate = {name: total / self.aggregated_weight for name, total in self._sum.items()}

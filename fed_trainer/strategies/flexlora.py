@@ -14,7 +14,7 @@ from torch import nn
 
 from fed_trainer.lowrank import truncated_svd_of_product
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import StackedLoraStrategy, lora_factors, set_lora_factors
+from fed_trainer.strategies.lora import StackedLoraStrategy, lora_factors
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -60,9 +60,9 @@ class FlexLoRA(StackedLoraStrategy):
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
         max_rank = max(config.r for config in self.client_configs.values())
-        for name, layer in self.layers.items():
+        for name in self.layers:
             left, right = self.stacked(name)
             self.svd[name] = truncated_svd_of_product(left, right, max_rank)
             # The live model holds the exact global model: an adapter of rank R with scaling 1.
             self.global_factors[name] = (right, left, 1.0)
-            set_lora_factors(layer, right, left, 1.0)
+        self.load_global_factors()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base, lora_parameters
+from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -19,8 +19,7 @@ class FLoRA(StackedLoraStrategy):
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
         self.stacks: TensorDict = {}
-        for layer in self.layers.values():  # the global model carries no adapter between rounds
-            lora_parameters(layer)[1].data.zero_()
+        self.load_global_factors()  # none: the global model carries no adapter between rounds
         return model
 
     def state_dict(self) -> dict:
@@ -42,4 +41,4 @@ class FLoRA(StackedLoraStrategy):
             left, right = self.stacked(name)
             fold_into_base(layer, left @ right)
             self.stacks.update({f"{name}.stack_left": left, f"{name}.stack_right": right})
-            lora_parameters(layer)[1].data.zero_()
+        self.load_global_factors()

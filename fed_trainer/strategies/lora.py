@@ -211,6 +211,10 @@ class StackedLoraStrategy(LoraStrategy):
 
     def restore_global(self, model: nn.Module) -> None:
         super().restore_global(model)
+        self.load_global_factors()
+
+    def load_global_factors(self) -> None:
+        """Put the global adapter into the live layers; a layer without one gets B = 0 (no adapter)."""
         for name, layer in self.layers.items():
             if name in self.global_factors:
                 set_lora_factors(layer, *self.global_factors[name])
