@@ -8,6 +8,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainerControl, Trai
 from transformers.trainer_callback import CallbackHandler
 from transformers.utils import logging
 
+from fed_trainer.distributed import is_client_parallel
 from fed_trainer.strategies.base import Strategy, tensor_bytes
 
 logger = logging.get_logger(__name__)
@@ -60,7 +61,8 @@ class AggregationCallback(FederatedCallback):
     """Runs the strategy inside the callback machinery; the trainer puts it first in the list.
 
     So a user callback's `on_client_begin` sees the client model already loaded from the global state, and its
-    `on_round_end` sees the new global model. It also counts the bytes exchanged.
+    `on_round_end` sees the new global model. It also counts the bytes exchanged. In client-parallel rounds it
+    holds the clients of its own rank until `on_round_end` combines the ranks' aggregates.
     """
 
     def __init__(self, strategy: Strategy) -> None:
@@ -95,6 +97,8 @@ class AggregationCallback(FederatedCallback):
         self.accepted.append(client_id)
 
     def on_round_end(self, args, state, control, model=None, **kwargs):
+        if is_client_parallel(args):
+            self.strategy.synchronize()
         self.strategy.finish_round(model)
 
 

@@ -13,6 +13,7 @@ from transformers.trainer_utils import TrainOutput, set_seed
 
 from fed_trainer.callbacks import ClientStepProgressCallback
 from fed_trainer.config import FederatedConfig
+from fed_trainer.distributed import RankLocalAccelerator, is_client_parallel
 
 
 def _shifted(lr_lambda, offset: int, step: int) -> float:
@@ -28,6 +29,18 @@ class ClientTrainer(Trainer):
 
     schedule_offset: int = 0
     schedule_steps: int = 1
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if is_client_parallel(self.args):  # this rank trains its clients alone: no DDP, no sharded batches
+            self.accelerator.__class__ = RankLocalAccelerator
+
+    def store_flos(self) -> None:
+        if is_client_parallel(self.args):  # Trainer's would broadcast, a collective the other ranks are not in
+            self.state.total_flos += self.current_flos
+            self.current_flos = 0
+        else:
+            super().store_flos()
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -64,6 +77,8 @@ def client_training_args(args: FederatedConfig) -> TrainingArguments:
         load_best_model_at_end=False,
         eval_on_start=False,
     )
+    if is_client_parallel(args):  # a client's loss is its own: no token count gathered from other ranks
+        values.update(average_tokens_across_devices=False)
     return TrainingArguments(**values)
 
 
@@ -71,7 +86,8 @@ def local_steps_for(args: FederatedConfig, num_examples: int) -> int:
     """Optimizer steps one client takes in one round."""
     if args.local_steps is not None:
         return args.local_steps
-    batches = math.ceil(num_examples / (args.train_batch_size * args.world_size))
+    processes = 1 if is_client_parallel(args) else args.world_size  # client-parallel: a client's data is not split
+    batches = math.ceil(num_examples / (args.train_batch_size * processes))
     return math.ceil(args.local_epochs * max(batches // args.gradient_accumulation_steps, 1))
 
 

@@ -15,6 +15,8 @@ import secrets
 
 import torch
 
+from fed_trainer.distributed import all_gather_objects
+
 TensorDict = dict[str, torch.Tensor]
 
 
@@ -39,7 +41,8 @@ def private_average(weighted_sum: TensorDict, global_state: TensorDict, mass: fl
     G + (sum_k (W_k - G) + N(0, (sigma S)^2)) / m = weighted_sum + (1 - mass) G + N(0, std^2), std = sigma S / m.
     Dividing by the m clients sampled, not by those kept, keeps the sensitivity at S / m when a client drops.
     """
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    seed = all_gather_objects(secrets.randbits(63))[0]  # rank 0's: every process must add the same noise
+    generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, total in weighted_sum.items():
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float32).to(total.device)

@@ -32,6 +32,7 @@ from fed_trainer.checkpoint import (
 )
 from fed_trainer.client import ClientRunner, local_steps_for
 from fed_trainer.config import FederatedConfig
+from fed_trainer.distributed import all_gather_objects, is_client_parallel, merged, rank, share_of, world_size
 from fed_trainer.partition import partition_dataset
 from fed_trainer.privacy import dp_epsilon
 from fed_trainer.strategies import Strategy, get_strategy
@@ -262,7 +263,9 @@ class FederatedTrainer(Trainer):
             round=round_number, client_ids=client_ids, client_weights=weights,
         )  # fmt: skip
         losses, failed = {}, []
-        for position, client_id in enumerate(client_ids):
+        processes, process = (world_size(), rank()) if is_client_parallel(args) else (1, 0)
+        for position in share_of(range(len(client_ids)), process, processes):  # the others train on other ranks
+            client_id = client_ids[position]
             dataset = self.client_datasets[client_id]
             event = dict(client_id=client_id, model=self.model, num_examples=len(dataset))
             self.control = call_federated_event(
@@ -290,25 +293,31 @@ class FederatedTrainer(Trainer):
                 **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
             )  # fmt: skip
             runner.release()
-        kept = self.aggregation.accepted
+        aggregation = self.aggregation
+        outcome = dict(losses=losses, failed=failed, accepted=aggregation.accepted, rejected=aggregation.rejected,
+                       bytes_up=aggregation.round_bytes_up, bytes_down=aggregation.round_bytes_down)  # fmt: skip
+        if processes > 1:  # every rank needs the whole round's outcome
+            outcome = merged(all_gather_objects(outcome))
+        accepted = set(outcome["accepted"])
+        kept = [cid for cid in client_ids if cid in accepted]
         if len(kept) < args.min_clients_per_round:
-            self._abandon_round(round_number, len(client_ids), failed, self.aggregation.rejected)
+            self._abandon_round(round_number, len(client_ids), outcome["failed"], outcome["rejected"])
         state.global_step = round_number * steps_per_round
         logs = {
             "round": round_number,
-            "train_loss": float(np.mean([losses[cid] for cid in kept])),
+            "train_loss": float(np.mean([outcome["losses"][cid] for cid in kept])),
             "learning_rate": runner.last_learning_rate,
             "num_clients": len(kept),
         }
-        if failed or self.aggregation.rejected:
-            logs["num_clients_dropped"] = len(failed) + len(self.aggregation.rejected)
+        if outcome["failed"] or outcome["rejected"]:
+            logs["num_clients_dropped"] = len(outcome["failed"]) + len(outcome["rejected"])
         if args.dp_noise_multiplier is not None:
             logs["dp_epsilon"] = self.privacy_spent(round_number)
         self.control = call_federated_event(
             self.callback_handler, "on_round_end", args, state, self.control,
             round=round_number, model=self.model, metrics=logs,
         )  # fmt: skip
-        logs.update(bytes_up=self.aggregation.round_bytes_up, bytes_down=self.aggregation.round_bytes_down)
+        logs.update(bytes_up=outcome["bytes_up"], bytes_down=outcome["bytes_down"])
         return logs
 
     def privacy_spent(self, rounds: int) -> float:
@@ -340,6 +349,7 @@ class FederatedTrainer(Trainer):
                 torch.save(self._federated_state(), staging / STATE_FILE)
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
         return str(directory)
 
     def _federated_state(self) -> dict:

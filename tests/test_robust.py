@@ -53,7 +53,9 @@ def test_clipping_bounds_the_update_norm_and_keeps_its_direction(shape, seed, ma
     original = torch.cat([(payload[k] - reference[k]).flatten() for k in reference])
     assert delta.norm() <= max_norm * (1 + 1e-5)
     if original.norm() > max_norm:
-        torch.testing.assert_close(delta / delta.norm(), original / original.norm(), rtol=0, atol=1e-5)
+        # out = reference + delta is rounded to float32: an error of eps * |out| per entry, large against a small norm
+        rounding = 2 * torch.finfo(torch.float32).eps * max(t.abs().max().item() for t in out.values()) / max_norm
+        torch.testing.assert_close(delta / delta.norm(), original / original.norm(), rtol=0, atol=1e-5 + rounding)
     else:
         assert out is payload
 

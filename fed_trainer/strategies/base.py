@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fed_trainer.config import FederatedConfig
+from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -82,6 +83,16 @@ class Strategy(ABC):
             self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in payload.items()}
         for k, v in payload.items():
             self._sum[k].add_(v.detach(), alpha=weight)
+
+    def synchronize(self) -> None:
+        """Combine the partial aggregates of the processes of a client-parallel round (each aggregated its own
+        clients), so that every rank holds the aggregate of the whole round; called before `finish_round`.
+
+        The base class sums the running weighted sum and the weight over ranks. A strategy that keeps more than
+        that per round extends it (and calls `super().synchronize()`).
+        """
+        self._sum = all_reduce_sums(self._sum)
+        self._mass = all_reduce_scalar(self._mass)
 
     @property
     def aggregated_weight(self) -> float:

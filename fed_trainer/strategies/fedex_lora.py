@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fed_trainer.distributed import all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.lora import ADAPTER, LoraStrategy, factor_names, fold_into_base, lora_factors
 from fed_trainer.strategies.registry import register_strategy
@@ -34,6 +35,10 @@ class FedExLoRA(LoraStrategy):
                 self._products[name].add_(product)
             else:
                 self._products[name] = product
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        self._products = all_reduce_sums(self._products)
 
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)

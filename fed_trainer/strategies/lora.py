@@ -20,6 +20,7 @@ from peft.utils import transpose
 from torch import nn
 
 from fed_trainer.config import FederatedConfig
+from fed_trainer.distributed import all_gather_objects
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
 
@@ -254,19 +255,33 @@ class StackedLoraStrategy(LoraStrategy):
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
-        self._left = {name: [] for name in self.layers}
-        self._right = {name: [] for name in self.layers}
+        # client index -> {layer: (s_k p_k B_k, A_k)}; stacked in client order, whatever order they arrive in
+        self._stack_parts: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         super().aggregate({k: v for k, v in payload.items() if k in self.global_state}, weight, client_id)
         coefficient = weight * self.scaling(client_id)
+        parts = {}
         for name in self.layers:
             a, b = (payload[key].detach() for key in factor_names(name))
-            self._left[name].append(b.flatten(1).float() * coefficient)
-            # a copy: the payload may be a view of the live adapter, which the next client overwrites
-            self._right[name].append(a.flatten(1).to(torch.float32, copy=True))
+            # a copy of A: the payload may be a view of the live adapter, which the next client overwrites
+            parts[name] = (b.flatten(1).float() * coefficient, a.flatten(1).to(torch.float32, copy=True))
+        self._stack_parts[self.client_index[client_id]] = parts
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        device = lora_factors(next(iter(self.layers.values())))[0].device
+        local = {i: {n: (left.cpu(), right.cpu()) for n, (left, right) in parts.items()} for i, parts in
+                 self._stack_parts.items()}  # fmt: skip
+        self._stack_parts = {
+            i: {n: (left.to(device), right.to(device)) for n, (left, right) in parts.items()}
+            for gathered in all_gather_objects(local)
+            for i, parts in gathered.items()
+        }
 
     def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) of this round for layer `name`: left @ right = sum_k p_k s_k B_k A_k (over the weight
         aggregated, so the clients kept in the round)."""
-        return torch.cat(self._left[name], dim=1) / self.aggregated_weight, torch.cat(self._right[name], dim=0)
+        parts = [self._stack_parts[i][name] for i in sorted(self._stack_parts)]
+        left = torch.cat([left for left, _ in parts], dim=1) / self.aggregated_weight
+        return left, torch.cat([right for _, right in parts], dim=0)
