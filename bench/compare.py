@@ -50,7 +50,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
-from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E402
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed  # noqa: E402
 
 from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer, partition_dataset  # noqa: E402
 
@@ -128,6 +128,13 @@ def client_split(task: Task, train, a, alpha: float | None, seed: int) -> list:
     return partition_dataset(train, a.clients, method=f"column:{task.client_column}")
 
 
+def seeded_model(task: Task, seed: int):
+    """The task's model with its new parts (a classification head) initialised from `seed`, not from whatever
+    state earlier runs left the global RNG in."""
+    set_seed(seed)
+    return task.model()
+
+
 def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a, alpha, out) -> dict:
     """One run; returns the metric per round, bytes, peak RSS and wall time."""
     key = f"eval_{task.metric}"
@@ -146,8 +153,10 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
             results = []
             for shard in clients[: a.local_clients]:
                 args = TrainingArguments(max_steps=a.rounds * a.local_steps, eval_strategy="no", **common)
-                trainer = Trainer(model=task.model(), args=args, train_dataset=shard, data_collator=task.collator,
-                                  eval_dataset=validation, compute_metrics=task.compute_metrics)  # fmt: skip
+                trainer = Trainer(
+                    model=seeded_model(task, seed), args=args, train_dataset=shard, data_collator=task.collator,
+                    eval_dataset=validation, compute_metrics=task.compute_metrics,
+                )  # fmt: skip
                 trainer.pop_callback(PrinterCallback)
                 trainer.train()
                 results.append(trainer.evaluate()[key])
@@ -161,7 +170,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
                 strategy=strategy_of(method), **(task.galore if method == "galore_fedavg" else {}), **common,
             )  # fmt: skip
             trainer = FederatedTrainer(
-                model=task.model(), args=config, client_datasets=[train] if centralized else clients,
+                model=seeded_model(task, seed), args=config, client_datasets=[train] if centralized else clients,
                 eval_dataset=validation, data_collator=task.collator, compute_metrics=task.compute_metrics,
                 peft_config=LoraConfig(**task.lora) if family(method) == "lora" else None,
                 callbacks=[RoundPrinter(method, task.metric)],

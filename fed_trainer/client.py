@@ -12,8 +12,9 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArg
 from transformers.trainer_utils import TrainOutput, set_seed
 
 from fed_trainer.callbacks import ClientStepProgressCallback
+from fed_trainer.client_accelerator import ClientAccelerator, RankLocalAccelerator
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import RankLocalAccelerator, is_client_parallel
+from fed_trainer.distributed import is_client_parallel
 
 
 def _shifted(lr_lambda, offset: int, step: int) -> float:
@@ -32,8 +33,11 @@ class ClientTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
+        # Trainer builds a plain Accelerator; these subclasses add no state, only change behaviour
         if is_client_parallel(self.args):  # this rank trains its clients alone: no DDP, no sharded batches
             self.accelerator.__class__ = RankLocalAccelerator
+        else:
+            self.accelerator.__class__ = ClientAccelerator
 
     def store_flos(self) -> None:
         if is_client_parallel(self.args):  # Trainer's would broadcast, a collective the other ranks are not in

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 TensorDict = dict[str, torch.Tensor]
 SHARDERS = ("DEEPSPEED", "FSDP")
@@ -113,32 +111,3 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-class RankLocalAccelerator(Accelerator):
-    """The client trainer's `Accelerator` in client-parallel rounds: it reports one process, so `prepare` neither
-    wraps the model in DDP nor shards the client's data, and `gather` is the identity. Each rank then trains its
-    client exactly as a one-process run would, with no collective inside local training (ranks train different
-    numbers of clients, so one would deadlock)."""
-
-    @property
-    def distributed_type(self):
-        return DistributedType.NO
-
-    @property
-    def use_distributed(self) -> bool:
-        return False
-
-    @property
-    def num_processes(self) -> int:
-        return 1
-
-    @property
-    def process_index(self) -> int:
-        return 0
-
-    def gather(self, tensor):
-        return tensor
-
-    def reduce(self, tensor, reduction="sum", scale=1.0):
-        return tensor * scale if scale != 1.0 else tensor
