@@ -46,6 +46,7 @@ bench:
 	$(PY) bench/overhead.py --json bench/results/overhead.json
 	$(PY) bench/memory.py --json bench/results/memory.json
 	$(PY) bench/aggregation.py --json bench/results/aggregation.json
+	$(PY) bench/scaling.py --json bench/results/scaling.json
 
 clean:
 	rm -rf $(VENV) fed_glue_output fed_trainer_output bench/results .pytest_cache

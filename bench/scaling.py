@@ -27,9 +27,9 @@ from common import median, minilm_and_data, parser, report
 def worker(a) -> None:
     """One run (one process of it under torchrun): writes seconds per round and peak RSS to `a.worker_out`."""
     import torch
-    import torch.distributed as dist
 
     from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer
+    from fed_trainer.distributed import end_process_group
 
     class RoundClock(FederatedCallback):
         def __init__(self):
@@ -68,8 +68,7 @@ def worker(a) -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = int(os.environ.get("RANK", 0))
     Path(f"{a.worker_out}.rank{rank}").write_text(json.dumps({"round_s": clock.seconds, "peak_rss_mib": peak_mib}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group()
 
 
 FORWARDED = ("clients", "steps", "rounds", "seq_len", "batch_size")  # the work, the same for every run

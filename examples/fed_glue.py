@@ -34,6 +34,7 @@ from transformers import (
 from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets import load_bbc_news, minilm_path
 from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
+from fed_trainer.distributed import end_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -185,3 +186,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

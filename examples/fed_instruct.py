@@ -33,6 +33,7 @@ from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets import load_chatterbot_qa, smollm2_path
 from fed_trainer.chat import chat_example_tokenizer, has_answer_tokens
 from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
+from fed_trainer.distributed import end_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +142,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -29,6 +29,7 @@ from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets.efficientnet_lite import CLASSIFIER, POINTWISE_CONVS, efficientnet_lite0
 from fed_trainer.assets.fashion_mnist import CLASSES, GreyImageCollator, load_fashion_mnist
 from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
+from fed_trainer.distributed import end_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +92,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

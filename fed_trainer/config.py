@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
+
+from fed_trainer.distributed import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +161,26 @@ class FederatedConfig(TrainingArguments):
 
         if self.strategy not in available_strategies():
             raise ValueError(unknown_strategy_message(self.strategy))
+        self._check_processes()
         if self.max_steps > 0:
             logger.warning(
                 "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",
                 self.max_steps,
+            )
+
+    def _check_processes(self) -> None:
+        if is_sharded(self):
+            raise ValueError(
+                "FederatedTrainer does not support DeepSpeed or FSDP yet: it would build a new engine for every "
+                "client. Drop the deepspeed/fsdp config; with several processes the rounds are client-parallel "
+                "(each process trains its share of the round's clients on a whole copy of the model)."
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size == 1:
+            raise ValueError(
+                f"This process was launched as one of {launched} (WORLD_SIZE={launched}) but joined no process "
+                "group, so each process would run the whole federation alone. On a machine without GPUs pass "
+                "--use_cpu (use_cpu=True): the processes then talk over gloo."
             )
 
     def _check_partition(self) -> None:

@@ -28,6 +28,13 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def end_process_group() -> None:
+    """Leave the default process group, if the launcher set one up; the last line of a script run under
+    `torchrun` or `accelerate launch` (without it, gloo processes sometimes abort at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_sharded(args) -> bool:
     """Whether the model is sharded over the processes: DeepSpeed or FSDP, from the arguments or from an
     `accelerate launch` config (which reaches transformers through the environment)."""

@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from conftest import fed_config, tiny_bert, toy_dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from fed_trainer import FederatedCallback, FederatedTrainer  # noqa: E402
+from fed_trainer.distributed import end_process_group  # noqa: E402
 
 
 class KillInRound(FederatedCallback):
@@ -69,8 +69,7 @@ def main() -> None:
     if trainer.is_world_process_zero():
         torch.save(trainer.model.state_dict(), out / "final.pt")
         (out / "rounds.json").write_text(json.dumps([e for e in trainer.state.log_history if "round" in e]))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def test_compare_writes_results_sweep_and_plots(tmp_path, monkeypatch):
     results = report["results"]["bbc/alpha=1.0"]
     assert report["metric"] == "accuracy" and set(results) == {"fedavg", "ffa_lora", "local_only"}
     assert set(report["lr_sweep"]["final"]) == {"fedavg", "ffa_lora", "local_only"}
+    families = {"fedavg": "full", "local_only": "full", "ffa_lora": "lora"}
     for method, lrs in report["lr_sweep"]["final"].items():
-        assert len(lrs) == 2 and str(report["learning_rates"][method]) in {str(float(lr)) for lr in lrs}
+        assert [float(lr) for lr in lrs] == report["lr_grid"][families[method]]
+        assert str(report["learning_rates"][method]) in {str(float(lr)) for lr in lrs}
     assert len(results["fedavg"]["per_round_mean"]) == 2
     assert results["ffa_lora"]["total_bytes"] < results["fedavg"]["total_bytes"]
     assert results["local_only"]["total_bytes"] == 0

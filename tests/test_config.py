@@ -26,6 +26,7 @@ from fed_trainer import FederatedConfig
             ),
             "GaLore does not work under DeepSpeed ZeRO",
         ),
+        (dict(fsdp=True, use_cpu=True), "does not support DeepSpeed or FSDP yet"),
     ],
 )
 def test_invalid_config_raises_a_message_that_names_the_fix(tmp_path, overrides, message):

@@ -80,3 +80,17 @@ def test_all_reduce_sums_fills_in_a_rank_that_aggregated_nothing(tmp_path):
         torch.testing.assert_close(total["w"], torch.full((2, 3), 1.5))
         assert total["n"].tolist() == [4] and total["n"].dtype == torch.int64
     shutil.rmtree(tmp_path / "init", ignore_errors=True)
+
+
+def test_the_ddp_recipe_launches_the_example_and_a_cpu_launch_without_use_cpu_is_refused(tmp_path):
+    repo = Path(__file__).parent.parent
+    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
+    launch = [*accelerate, str(repo / "recipes/accelerate/ddp.yaml"), str(repo / "examples/fed_glue.py")]
+    tiny = ["--num_rounds", "1", "--local_steps", "1", "--max_train_samples", "32", "--max_eval_samples", "16",
+            "--max_seq_length", "32", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([*launch, "--use_cpu", *tiny], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "'num_clients': 4" in done.stdout + done.stderr and (tmp_path / "out" / "model.safetensors").exists()
+    refused = subprocess.run([*launch, *tiny], capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0 and "pass --use_cpu" in refused.stderr
