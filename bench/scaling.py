@@ -66,8 +66,8 @@ def worker(a) -> None:
         )
         trainer.train()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rank = int(os.environ.get("RANK", 0))
-    Path(f"{a.worker_out}.rank{rank}").write_text(json.dumps({"round_s": clock.seconds, "peak_rss_mib": peak_mib}))
+    result = {"round_s": clock.seconds, "peak_rss_mib": peak_mib}
+    Path(f"{a.worker_out}.rank{trainer.args.process_index}").write_text(json.dumps(result))
     end_process_group()
 
 

@@ -14,24 +14,25 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import send_to_device
 
 TensorDict = dict[str, torch.Tensor]
 SHARDERS = ("DEEPSPEED", "FSDP")
 
 
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
     """The number of processes of the default process group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_world_size() if _in_process_group() else 1
 
 
 def end_process_group() -> None:
     """Leave the default process group, if the launcher set one up; the last line of a script run under
     `torchrun` or `accelerate launch` (without it, gloo processes sometimes abort at exit)."""
-    if dist.is_available() and dist.is_initialized():
+    if _in_process_group():
         dist.destroy_process_group()
 
 
@@ -61,6 +62,12 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def all_gather_tensors(obj, device: torch.device) -> list:
+    """`all_gather_objects` for nested containers of tensors: sent from the CPU (pickling a GPU tensor would pin
+    it to the sender's device), received on `device`."""
+    return send_to_device(all_gather_objects(send_to_device(obj, "cpu")), device)
 
 
 def merged(parts: list[dict]) -> dict:

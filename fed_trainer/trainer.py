@@ -32,7 +32,7 @@ from fed_trainer.checkpoint import (
 )
 from fed_trainer.client import ClientRunner, local_steps_for
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import all_gather_objects, is_client_parallel, merged, rank, share_of, world_size
+from fed_trainer.distributed import all_gather_objects, is_client_parallel, merged, share_of
 from fed_trainer.partition import partition_dataset
 from fed_trainer.privacy import dp_epsilon
 from fed_trainer.strategies import Strategy, get_strategy
@@ -263,7 +263,7 @@ class FederatedTrainer(Trainer):
             round=round_number, client_ids=client_ids, client_weights=weights,
         )  # fmt: skip
         losses, failed = {}, []
-        processes, process = (world_size(), rank()) if is_client_parallel(args) else (1, 0)
+        processes, process = (args.world_size, args.process_index) if is_client_parallel(args) else (1, 0)
         for position in share_of(range(len(client_ids)), process, processes):  # the others train on other ranks
             client_id = client_ids[position]
             dataset = self.client_datasets[client_id]

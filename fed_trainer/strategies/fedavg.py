@@ -10,7 +10,7 @@ from typing import ClassVar
 from torch import nn
 
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import all_gather_objects
+from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.privacy import private_average
 from fed_trainer.robust import clipped, robust_aggregate
 from fed_trainer.strategies.base import Strategy, TensorDict
@@ -73,9 +73,7 @@ class FedAvg(Strategy):
         super().synchronize()
         if self.args.aggregation_rule != "mean":  # a robust rule needs every client's payload on every rank
             device = next(iter(self.global_state.values())).device
-            local = [{name: t.cpu() for name, t in payload.items()} for payload in self._kept]
-            gathered = [payload for part in all_gather_objects(local) for payload in part]
-            self._kept = [{name: t.to(device) for name, t in payload.items()} for payload in gathered]
+            self._kept = [payload for part in all_gather_tensors(self._kept, device) for payload in part]
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)

@@ -20,7 +20,7 @@ from peft.utils import transpose
 from torch import nn
 
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import all_gather_objects
+from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
 
@@ -271,13 +271,8 @@ class StackedLoraStrategy(LoraStrategy):
     def synchronize(self) -> None:
         super().synchronize()
         device = lora_factors(next(iter(self.layers.values())))[0].device
-        local = {i: {n: (left.cpu(), right.cpu()) for n, (left, right) in parts.items()} for i, parts in
-                 self._stack_parts.items()}  # fmt: skip
-        self._stack_parts = {
-            i: {n: (left.to(device), right.to(device)) for n, (left, right) in parts.items()}
-            for gathered in all_gather_objects(local)
-            for i, parts in gathered.items()
-        }
+        gathered = all_gather_tensors(self._stack_parts, device)
+        self._stack_parts = {i: parts for part in gathered for i, parts in part.items()}
 
     def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) of this round for layer `name`: left @ right = sum_k p_k s_k B_k A_k (over the weight
