@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +37,19 @@ def minilm_and_data(num_examples: int, seq_len: int) -> tuple[torch.nn.Module, D
     train = train.remove_columns(["text"])
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
     return model, train, DataCollatorWithPadding(tokenizer)
+
+
+def launcher(processes: int) -> list[str]:
+    """The command prefix that runs a script in `processes` processes: plain python for one, torchrun for more."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
+def current_rss_mib() -> float:
+    """This process's resident set size now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def median(values: list[float]) -> float:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import median, minilm_and_data, parser, report
+from common import launcher, median, minilm_and_data, parser, report
 
 
 def worker(a) -> None:
@@ -77,13 +77,10 @@ FORWARDED = ("clients", "steps", "rounds", "seq_len", "batch_size")  # the work,
 def timed_run(a, processes: int, directory: str) -> dict:
     """Launch one run with `processes` processes; its seconds per round (rank 0) and summed peak RSS."""
     out = f"{directory}/run{processes}"
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in FORWARDED]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, a.cores // processes)))
     start = time.perf_counter()
-    subprocess.run([*launcher, __file__, "--worker-out", out, *flags], env=env, check=True)
+    subprocess.run([*launcher(processes), __file__, "--worker-out", out, *flags], env=env, check=True)
     wall = time.perf_counter() - start
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
     return {

@@ -8,8 +8,9 @@ from transformers import ProgressCallback, TrainerCallback, TrainerControl, Trai
 from transformers.trainer_callback import CallbackHandler
 from transformers.utils import logging
 
-from fed_trainer.distributed import is_client_parallel
+from fed_trainer.distributed import all_reduce_scalar, is_client_parallel
 from fed_trainer.strategies.base import Strategy, tensor_bytes
+from fed_trainer.zero import holds_shards, reload_partitions
 
 logger = logging.get_logger(__name__)
 
@@ -67,6 +68,7 @@ class AggregationCallback(FederatedCallback):
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
+        self.engine = None  # the DeepSpeed engine, whose ZeRO-3 partitions the strategy writes
         self.round_bytes_up = 0
         self.round_bytes_down = 0
 
@@ -81,11 +83,14 @@ class AggregationCallback(FederatedCallback):
         message = self.strategy.server_message(client_id)
         self.round_bytes_down += tensor_bytes(message)
         self.strategy.load_client(model, message, client_id)
+        reload_partitions(self.engine)
 
     def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
         payload = self.strategy.client_payload(model, client_id)
         self.round_bytes_up += tensor_bytes(payload)
         bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
+        if holds_shards(model) and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards
+            bad = bad or "another rank's shard"
         if bad is not None:
             logger.warning(
                 f"Round {self.round}: client {client_id!r} sent an update with NaN or Inf (first in {bad}); it is "
@@ -100,6 +105,7 @@ class AggregationCallback(FederatedCallback):
         if is_client_parallel(args):
             self.strategy.synchronize()
         self.strategy.finish_round(model)
+        reload_partitions(self.engine)
 
 
 class RoundProgressCallback(ProgressCallback, FederatedCallback):

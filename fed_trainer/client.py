@@ -15,6 +15,7 @@ from fed_trainer.callbacks import ClientStepProgressCallback
 from fed_trainer.client_accelerator import ClientAccelerator, RankLocalAccelerator
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import is_client_parallel
+from fed_trainer.zero import restart_optimizer
 
 
 def _shifted(lr_lambda, offset: int, step: int) -> float:
@@ -30,6 +31,7 @@ class ClientTrainer(Trainer):
 
     schedule_offset: int = 0
     schedule_steps: int = 1
+    zero_optimizer = None  # under DeepSpeed: the optimizer of the one engine, restarted for every client
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -38,6 +40,22 @@ class ClientTrainer(Trainer):
             self.accelerator.__class__ = RankLocalAccelerator
         else:
             self.accelerator.__class__ = ClientAccelerator
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume):
+        """Trainer's preparation, except that under DeepSpeed the engine built for the first client is reused, with
+        its optimizer restarted from the client's starting weights (see `fed_trainer.zero`)."""
+        if self.zero_optimizer is None:
+            model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume)
+            if self.is_deepspeed_enabled:
+                self.zero_optimizer = self.optimizer
+            return model, train_dataloader
+        restart_optimizer(self.deepspeed)
+        self.optimizer, self.lr_scheduler = self.zero_optimizer, None
+        self.create_scheduler(max_steps)
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = train_dataloader
+        return self.deepspeed, train_dataloader
 
     def store_flos(self) -> None:
         if is_client_parallel(self.args):  # Trainer's would broadcast, a collective the other ranks are not in
@@ -81,8 +99,6 @@ def client_training_args(args: FederatedConfig) -> TrainingArguments:
         load_best_model_at_end=False,
         eval_on_start=False,
     )
-    if is_client_parallel(args):  # a client's loss is its own: no token count gathered from other ranks
-        values.update(average_tokens_across_devices=False)
     return TrainingArguments(**values)
 
 
@@ -115,6 +131,13 @@ class ClientRunner:
         self.progress = ClientStepProgressCallback()
         if not outer.args.disable_tqdm:
             self.trainer.add_callback(self.progress)
+        if self.trainer.is_deepspeed_enabled:  # the one engine, built before any client (ZeRO-3 partitions here)
+            self.trainer._prepare_for_training(self.trainer.schedule_steps, None, None)
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine every client trains with; None without DeepSpeed."""
+        return self.trainer.deepspeed
 
     def train(self, dataset: Dataset, client_id, seed: int, offset: int, schedule_steps: int) -> TrainOutput:
         """Run one client's local training from the model's current weights, with a fresh optimizer."""

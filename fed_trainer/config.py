@@ -10,8 +10,6 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from fed_trainer.distributed import is_sharded
-
 logger = logging.getLogger(__name__)
 
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
@@ -19,8 +17,13 @@ CLIENT_WEIGHTINGS = ("num_examples", "uniform")
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
 
 
-def _deepspeed_zero_stage(deepspeed: Any) -> int:
-    """The ZeRO stage named by a `TrainingArguments.deepspeed` value (a dict or a JSON path), 0 if none."""
+def deepspeed_zero_stage(deepspeed: Any) -> int:
+    """The ZeRO stage a run uses: from a `TrainingArguments.deepspeed` value (a dict or a JSON path), else from an
+    `accelerate launch` DeepSpeed config (which reaches the process through the environment); 0 without DeepSpeed."""
+    if deepspeed is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if deepspeed == "none":
+            return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
     if deepspeed is None:
         return 0
     if isinstance(deepspeed, str):
@@ -39,6 +42,11 @@ class FederatedConfig(TrainingArguments):
     the whole run (`num_rounds * local_steps` optimizer steps), so round `t` continues where round `t-1`
     ended; the client optimizer state (e.g. Adam moments, GaLore projectors) is fresh every round.
     `max_steps` and `num_train_epochs` are not used: the run length is `num_rounds` x `local_steps`.
+
+    With several processes, each rank's loss is the mean over its own part of a batch and gradients (and evaluation
+    losses) are averaged over ranks, DDP's rule: `average_tokens_across_devices` is turned off, because transformers
+    multiplies by the number of processes the loss of every model whose forward takes `**kwargs` but whose loss
+    ignores `num_items_in_batch` (sequence classifiers among them), which doubled losses and gradients on 2 ranks.
     """
 
     num_clients: int = field(default=10, metadata={"help": "Number of clients the training data is split into."})
@@ -121,8 +129,10 @@ class FederatedConfig(TrainingArguments):
         return self.clients_per_round or self.num_clients
 
     def __post_init__(self) -> None:
-        self._check_galore()  # before TrainingArguments sets up DeepSpeed for a combination we refuse
+        self._check_galore()  # these two before TrainingArguments sets up DeepSpeed for a combination we refuse
+        self._check_deepspeed()
         super().__post_init__()
+        self.average_tokens_across_devices = False  # see the class docstring
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be at least 1, got {self.num_clients}.")
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
@@ -169,11 +179,11 @@ class FederatedConfig(TrainingArguments):
             )
 
     def _check_processes(self) -> None:
-        if is_sharded(self):
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise ValueError(
-                "FederatedTrainer does not support DeepSpeed or FSDP yet: it would build a new engine for every "
-                "client. Drop the deepspeed/fsdp config; with several processes the rounds are client-parallel "
-                "(each process trains its share of the round's clients on a whole copy of the model)."
+                "FederatedTrainer does not support FSDP: for a model that does not fit one device use DeepSpeed "
+                "ZeRO-3 (recipes/accelerate/zero3.yaml); otherwise drop the FSDP config, and with several processes "
+                "the rounds are client-parallel."
             )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.world_size == 1:
@@ -181,6 +191,31 @@ class FederatedConfig(TrainingArguments):
                 f"This process was launched as one of {launched} (WORLD_SIZE={launched}) but joined no process "
                 "group, so each process would run the whole federation alone. On a machine without GPUs pass "
                 "--use_cpu (use_cpu=True): the processes then talk over gloo."
+            )
+
+    def _check_deepspeed(self) -> None:
+        stage = deepspeed_zero_stage(self.deepspeed)
+        if not stage:
+            return
+        from fed_trainer.strategies.registry import get_strategy
+
+        strategy = get_strategy(self.strategy)
+        if getattr(strategy, "heterogeneous_ranks", False):
+            raise ValueError(
+                f"strategy {self.strategy!r} cannot train under DeepSpeed: it resizes the clients' adapters (a "
+                "global rank above the clients'), while the one DeepSpeed engine's optimizer holds a fixed set of "
+                "parameters. Drop the DeepSpeed config (with several processes the rounds are then "
+                "client-parallel), or use 'fedit', 'ffa_lora' or 'fedex_lora' under ZeRO-2."
+            )
+        if stage == 3 and strategy.uses_lora:
+            raise ValueError(
+                f"strategy {self.strategy!r} is not supported under DeepSpeed ZeRO-3 yet (its LoRA algebra needs the "
+                "partitioned factors gathered): use ZeRO-2 (recipes/accelerate/zero2.yaml), or 'fedavg'."
+            )
+        if stage == 3 and (self.update_clip_norm is not None or self.dp_noise_multiplier is not None):
+            raise ValueError(
+                "update_clip_norm and differential privacy are not supported under DeepSpeed ZeRO-3 yet (the clip "
+                "needs the norm of the whole update, which no rank holds): use ZeRO-2 or no DeepSpeed."
             )
 
     def _check_partition(self) -> None:
@@ -213,7 +248,7 @@ class FederatedConfig(TrainingArguments):
         optim = str(getattr(self.optim, "value", self.optim))
         if "galore" not in optim:
             return
-        if _deepspeed_zero_stage(self.deepspeed) >= 1:
+        if deepspeed_zero_stage(self.deepspeed) >= 1:
             raise ValueError(
                 "GaLore does not work under DeepSpeed ZeRO (its projector would see flattened 1-D partitions). "
                 "Drop the deepspeed config to train GaLore clients, or keep ZeRO and use optim='adamw_torch'."

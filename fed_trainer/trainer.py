@@ -32,10 +32,11 @@ from fed_trainer.checkpoint import (
 )
 from fed_trainer.client import ClientRunner, local_steps_for
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import all_gather_objects, is_client_parallel, merged, share_of
+from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
 from fed_trainer.partition import partition_dataset
 from fed_trainer.privacy import dp_epsilon
 from fed_trainer.strategies import Strategy, get_strategy
+from fed_trainer.zero import holds_shards
 
 logger = logging.get_logger(__name__)
 
@@ -163,6 +164,13 @@ class FederatedTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RoundProgressCallback)
         self._round_logs: dict | None = None
+        self.client_runner = ClientRunner(self)
+        if self.client_runner.engine is not None:  # DeepSpeed: the clients' one engine also serves evaluation, saving
+            self.deepspeed = self.model_wrapped = self.client_runner.engine
+            self.accelerator.deepspeed_config = self.client_runner.trainer.accelerator.deepspeed_config
+            self.aggregation.engine = self.client_runner.engine
+            if holds_shards(self.model):
+                self.strategy.on_model_sharded(self.model)
 
     def _peft_configs(self, peft_config, client_peft_configs) -> dict | None:
         """One `LoraConfig` per client id, or None without LoRA; refuses LoRA configs for a full-weight strategy."""
@@ -213,7 +221,7 @@ class FederatedTrainer(Trainer):
         """
         args = self.args
         self.is_in_train = True
-        runner = ClientRunner(self)
+        runner = self.client_runner
         steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
         self.state = TrainerState(
             max_steps=args.num_rounds * steps_per_round,
@@ -298,6 +306,11 @@ class FederatedTrainer(Trainer):
                        bytes_up=aggregation.round_bytes_up, bytes_down=aggregation.round_bytes_down)  # fmt: skip
         if processes > 1:  # every rank needs the whole round's outcome
             outcome = merged(all_gather_objects(outcome))
+        elif args.world_size > 1:  # sharded: each rank saw its part of every batch, and under ZeRO-3 its shards
+            outcome["losses"] = {cid: all_reduce_scalar(v) / args.world_size for cid, v in outcome["losses"].items()}
+            if holds_shards(self.model):
+                outcome.update(bytes_up=int(all_reduce_scalar(outcome["bytes_up"])),
+                               bytes_down=int(all_reduce_scalar(outcome["bytes_down"])))  # fmt: skip
         accepted = set(outcome["accepted"])
         kept = [cid for cid in client_ids if cid in accepted]
         if len(kept) < args.min_clients_per_round:
@@ -342,24 +355,32 @@ class FederatedTrainer(Trainer):
         """Write `output_dir/round-N` for the last finished round N: the merged global model (a plain
         transformers model) and `federated_state.pt` to resume from. Atomic: written aside, then renamed."""
         directory = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self._progress['round']}"
+        model_state = self._global_state_dict()  # under ZeRO-3 every rank takes part in the gather
         if self.args.should_save:
 
             def write(staging: Path) -> None:
-                self.save_model(str(staging))
-                torch.save(self._federated_state(), staging / STATE_FILE)
+                self._save(str(staging), state_dict=model_state if holds_shards(self.model) else None)
+                torch.save(self._federated_state(model_state), staging / STATE_FILE)
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
         return str(directory)
 
-    def _federated_state(self) -> dict:
+    def _global_state_dict(self) -> dict:
+        """The state dict of the live global model; under ZeRO-3 gathered from the ranks' partitions (a collective:
+        every rank calls it, the main process gets the weights)."""
+        if holds_shards(self.model):
+            return self.accelerator.get_state_dict(self.deepspeed)
+        return self.accelerator.unwrap_model(self.model).state_dict()
+
+    def _federated_state(self, model_state: dict) -> dict:
         model = self.accelerator.unwrap_model(self.model)
         return {
             "format": CHECKPOINT_FORMAT,
             "round": self._progress["round"],
             "strategy": self.strategy.name,
             "model_class": _model_class_name(model),
-            "model": cpu_state(model.state_dict()),
+            "model": cpu_state(model_state),
             "strategy_state": self.strategy.state_dict(),
             "progress": copy.deepcopy(self._progress),
             "log_history": copy.deepcopy(self.state.log_history),
@@ -369,6 +390,11 @@ class FederatedTrainer(Trainer):
     def _resume(self, path: Path) -> None:
         """Load a round checkpoint into the live model, the strategy and the run's progress; refuse one written
         by another strategy or for another model, before anything is changed."""
+        if holds_shards(self.model):
+            raise ValueError(
+                "Resuming a run under DeepSpeed ZeRO-3 is not supported yet: resume under ZeRO-2 or without "
+                f"DeepSpeed (the checkpoint {path} is a plain model), or start the run again."
+            )
         checkpoint = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
         model = self.accelerator.unwrap_model(self.model)
         if checkpoint["strategy"] != self.strategy.name:
@@ -416,9 +442,16 @@ class FederatedTrainer(Trainer):
         """The global model as a plain transformers model (adapters and residuals folded in)."""
         return self.strategy.merged_model(self.accelerator.unwrap_model(self.model))
 
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        if self.deepspeed is not None:  # evaluate with the clients' engine rather than build a second one
+            return self.deepspeed
+        return super()._wrap_model(model, training, dataloader)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         model = self.model
         self.model = self.merged_model()
+        if self.model is not self.accelerator.unwrap_model(model):
+            state_dict = None  # a state dict passed in is the unmerged model's; the merged model holds its own
         try:
             super()._save(output_dir, state_dict)
         finally:

@@ -4,8 +4,8 @@ in mid-round, and runs under `torchrun` as well.
     python tests/federated_run.py --strategy fedavg --output_dir DIR [--kill_in_round 3] [--resume]
     torchrun --nproc_per_node 2 tests/federated_run.py --strategy fedavg --output_dir DIR
 
-Writes DIR/final.pt and DIR/rounds.json (the per-round log entries) from the main process, and every rank's live
-global model to DIR/final-rank<R>.pt.
+Writes DIR/final.pt and DIR/rounds.json (the per-round log entries) from the main process, every rank's live
+global model to DIR/final-rank<R>.pt, and the saved model to DIR/model.
 """
 
 import argparse
@@ -48,23 +48,29 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--aggregation_rule", default="mean")
+    p.add_argument("--deepspeed", help="a DeepSpeed config (JSON): every rank trains every client on a sharded model")
+    p.add_argument("--batch_size", type=int, default=4, help="per process")
+    p.add_argument("--client_sizes", type=int, nargs="+", default=[8, 16, 24])
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--ranks", help="the clients' LoRA ranks, e.g. 2,4,8 (default: peft_config's rank for all)")
     a = p.parse_args()
     lora = a.strategy != "fedavg"
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     trainer = FederatedTrainer(
-        model=tiny_bert(),
+        model=tiny_bert(dropout=a.dropout),
         args=fed_config(
             Path(a.output_dir), output_dir=a.output_dir, strategy=a.strategy, num_rounds=a.rounds, save_every_rounds=1,
             save_total_limit=2, learning_rate=2e-2 if lora else 1e-3,
-            aggregation_rule=a.aggregation_rule,
+            aggregation_rule=a.aggregation_rule, deepspeed=a.deepspeed, per_device_train_batch_size=a.batch_size,
         ),  # fmt: skip
-        client_datasets=[toy_dataset(8, 1), toy_dataset(16, 2), toy_dataset(24, 3)],
+        client_datasets=[toy_dataset(n, seed) for seed, n in enumerate(a.client_sizes, start=1)],
         peft_config=peft_config if lora else None,
-        client_peft_configs=[2, 4, 8] if a.strategy in ("flexlora", "flora") else None,
+        client_peft_configs=[int(r) for r in a.ranks.split(",")] if a.ranks else None,
         callbacks=[KillInRound(a.kill_in_round)] if a.kill_in_round else [],
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     out = Path(a.output_dir)
+    trainer.save_model(str(out / "model"))  # under ZeRO-3 a collective: the weights are gathered from the ranks
     torch.save(trainer.model.state_dict(), out / f"final-rank{trainer.args.process_index}.pt")
     if trainer.is_world_process_zero():
         torch.save(trainer.model.state_dict(), out / "final.pt")

@@ -4,6 +4,8 @@ from transformers import HfArgumentParser
 
 from fed_trainer import FederatedConfig
 
+ZERO2, ZERO3 = ({"zero_optimization": {"stage": stage}} for stage in (2, 3))
+
 
 @pytest.mark.parametrize(
     "overrides, message",
@@ -26,7 +28,10 @@ from fed_trainer import FederatedConfig
             ),
             "GaLore does not work under DeepSpeed ZeRO",
         ),
-        (dict(fsdp=True, use_cpu=True), "does not support DeepSpeed or FSDP yet"),
+        (dict(fsdp=True, use_cpu=True), "does not support FSDP"),
+        (dict(strategy="flexlora", deepspeed=ZERO2), "resizes the clients' adapters"),
+        (dict(strategy="fedit", deepspeed=ZERO3), "not supported under DeepSpeed ZeRO-3 yet"),
+        (dict(update_clip_norm=1.0, deepspeed=ZERO3), "update_clip_norm and differential privacy"),
     ],
 )
 def test_invalid_config_raises_a_message_that_names_the_fix(tmp_path, overrides, message):

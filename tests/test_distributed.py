@@ -31,7 +31,7 @@ def run(launcher, output_dir, *flags):
     "flags",
     [
         ["--strategy", "fedavg"],
-        ["--strategy", "flexlora"],  # ranks 2, 4, 8: stacked factors gathered in client order
+        ["--strategy", "flexlora", "--ranks", "2,4,8"],  # mixed ranks: stacked factors gathered in client order
         ["--strategy", "fedex_lora"],  # a second running sum (the products) reduced over ranks
         ["--strategy", "fedit", "--aggregation_rule", "median"],  # every payload gathered on every rank
     ],

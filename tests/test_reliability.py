@@ -23,7 +23,8 @@ CLIENTS = [toy_dataset(8, 1), toy_dataset(16, 2), toy_dataset(24, 3)]
 
 def worker(strategy, output_dir, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, str(WORKER), "--strategy", strategy, "--output_dir", str(output_dir), *flags]
+    ranks = ["--ranks", "2,4,8"] if strategy == "flexlora" else []  # mixed ranks: adapters resized per client
+    command = [sys.executable, str(WORKER), "--strategy", strategy, "--output_dir", str(output_dir), *ranks, *flags]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 

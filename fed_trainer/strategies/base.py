@@ -49,6 +49,11 @@ class Strategy(ABC):
         self.args = args
         return model
 
+    def on_model_sharded(self, model: nn.Module) -> None:
+        """Called once DeepSpeed ZeRO-3 has partitioned `model`'s parameters over the ranks (before the first
+        round): take the global state again from the partitions."""
+        raise NotImplementedError(f"strategy {self.name!r} does not support DeepSpeed ZeRO-3.")
+
     @abstractmethod
     def server_message(self, client_id) -> TensorDict:
         """The tensors the server sends to `client_id` at the start of a round."""

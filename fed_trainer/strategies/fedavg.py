@@ -15,14 +15,16 @@ from fed_trainer.privacy import private_average
 from fed_trainer.robust import clipped, robust_aggregate
 from fed_trainer.strategies.base import Strategy, TensorDict
 from fed_trainer.strategies.registry import register_strategy
+from fed_trainer.zero import local_shard
 
 
 def trainable_state(model: nn.Module) -> TensorDict:
     """The live tensors clients can change: trainable parameters and floating-point buffers (e.g. BatchNorm stats).
 
-    Frozen parameters are the same on every client, so they are neither sent nor averaged.
+    Frozen parameters are the same on every client, so they are neither sent nor averaged. Under DeepSpeed ZeRO-3
+    a parameter is this rank's shard of it: the average is entry-wise, so each rank averages its own shards.
     """
-    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state = {name: local_shard(p) for name, p in model.named_parameters() if p.requires_grad}
     state.update({name: b for name, b in model.named_buffers() if b.is_floating_point()})
     return state
 
@@ -53,8 +55,14 @@ class FedAvg(Strategy):
                 "them exact), or aggregation_rule='mean' without update_clip_norm."
             )
         model = super().setup(model, args)
-        self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
+        self._take_global_state(model)
         return model
+
+    def _take_global_state(self, model: nn.Module) -> None:
+        self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
+
+    def on_model_sharded(self, model: nn.Module) -> None:
+        self._take_global_state(model)
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
