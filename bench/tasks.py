@@ -59,7 +59,11 @@ class Task:
 class TextClassification(Task):
     name, datasets = "text", ("bbc", "movies")
     # Rates bracket each winner; the first of each is --quick's.
-    lr_grid = {"full": [3e-4, 1e-4, 1e-3, 3e-3], "galore": [3e-3, 1e-3, 1e-2], "lora": [1e-2, 5e-3, 2e-2]}
+    lr_grid = {
+        "full": [3e-4, 1e-4, 1e-3, 3e-3, 3e-5],
+        "galore": [3e-3, 1e-3, 1e-2],
+        "lora": [1e-2, 5e-3, 2e-2, 5e-2],
+    }
     lora = dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
     galore = dict(
         optim="galore_adamw",
