@@ -131,6 +131,8 @@ class ClientRunner:
         self.progress = ClientStepProgressCallback()
         if not outer.args.disable_tqdm:
             self.trainer.add_callback(self.progress)
+        for callback in outer.strategy.client_callbacks():
+            self.trainer.add_callback(callback)
         if self.trainer.is_deepspeed_enabled:  # the one engine, built before any client (ZeRO-3 partitions here)
             self.trainer._prepare_for_training(self.trainer.schedule_steps, None, None)
 

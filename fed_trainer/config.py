@@ -207,16 +207,6 @@ class FederatedConfig(TrainingArguments):
                 "parameters. Drop the DeepSpeed config (with several processes the rounds are then "
                 "client-parallel), or use 'fedit', 'ffa_lora' or 'fedex_lora' under ZeRO-2."
             )
-        if stage == 3 and strategy.uses_lora:
-            raise ValueError(
-                f"strategy {self.strategy!r} is not supported under DeepSpeed ZeRO-3 yet (its LoRA algebra needs the "
-                "partitioned factors gathered): use ZeRO-2 (recipes/accelerate/zero2.yaml), or 'fedavg'."
-            )
-        if stage == 3 and (self.update_clip_norm is not None or self.dp_noise_multiplier is not None):
-            raise ValueError(
-                "update_clip_norm and differential privacy are not supported under DeepSpeed ZeRO-3 yet (the clip "
-                "needs the norm of the whole update, which no rank holds): use ZeRO-2 or no DeepSpeed."
-            )
 
     def _check_partition(self) -> None:
         if self.partition.startswith("column:"):

@@ -34,14 +34,19 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: 
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
-def private_average(weighted_sum: TensorDict, global_state: TensorDict, mass: float, std: float) -> TensorDict:
+def private_average(
+    weighted_sum: TensorDict, global_state: TensorDict, mass: float, std: float, sharded: bool = False
+) -> TensorDict:
     """The DP-FedAvg update applied to the global model.
 
     With uniform weights 1/m, `weighted_sum` = (1/m) sum_k W_k over the clients kept (total weight `mass`), so
     G + (sum_k (W_k - G) + N(0, (sigma S)^2)) / m = weighted_sum + (1 - mass) G + N(0, std^2), std = sigma S / m.
     Dividing by the m clients sampled, not by those kept, keeps the sensitivity at S / m when a client drops.
+    Whole tensors on every rank get rank 0's noise; under ZeRO-3 (`sharded`) each rank draws its own for its shards.
     """
-    seed = all_gather_objects(secrets.randbits(63))[0]  # rank 0's: every process must add the same noise
+    seed = secrets.randbits(63)
+    if not sharded:
+        seed = all_gather_objects(seed)[0]
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, total in weighted_sum.items():

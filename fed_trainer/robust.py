@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from fed_trainer.distributed import all_reduce_scalar
+
 TensorDict = dict[str, torch.Tensor]
 
 
@@ -31,11 +33,13 @@ def robust_aggregate(payloads: list[TensorDict], rule: str, trim_fraction: float
     return {name: combine(torch.stack([p[name] for p in payloads])) for name in payloads[0]}
 
 
-def clipped(payload: TensorDict, reference: TensorDict, max_norm: float) -> TensorDict:
+def clipped(payload: TensorDict, reference: TensorDict, max_norm: float, sharded: bool = False) -> TensorDict:
     """`payload` with its update `payload - reference` scaled to an L2 norm (over all tensors) of at most
-    `max_norm`; returned unchanged when already within."""
+    `max_norm`; returned unchanged when already within. `sharded`: each rank holds a shard of every tensor (ZeRO-3),
+    so the squared norm is summed over the ranks."""
     deltas = {name: value.detach().float() - reference[name].float() for name, value in payload.items()}
-    norm = torch.sqrt(sum((d * d).sum() for d in deltas.values())).item()
+    squared = sum(float((d * d).sum()) for d in deltas.values())
+    norm = math.sqrt(all_reduce_scalar(squared) if sharded else squared)
     if norm <= max_norm:
         return payload
     scale = max_norm / norm

@@ -36,7 +36,7 @@ from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_cl
 from fed_trainer.partition import partition_dataset
 from fed_trainer.privacy import dp_epsilon
 from fed_trainer.strategies import Strategy, get_strategy
-from fed_trainer.zero import holds_shards
+from fed_trainer.zero import holds_shards, reload_partitions, whole_copy
 
 logger = logging.get_logger(__name__)
 
@@ -170,6 +170,12 @@ class FederatedTrainer(Trainer):
             self.accelerator.deepspeed_config = self.client_runner.trainer.accelerator.deepspeed_config
             self.aggregation.engine = self.client_runner.engine
             if holds_shards(self.model):
+                if not self.deepspeed.zero_gather_16bit_weights_on_model_save():
+                    raise ValueError(
+                        "Under ZeRO-3 FederatedTrainer saves round checkpoints and the merged model from weights "
+                        "gathered on the main process: set zero_optimization.stage3_gather_16bit_weights_on_model_save"
+                        " to true in the DeepSpeed config (recipes/deepspeed/zero3.json does)."
+                    )
                 self.strategy.on_model_sharded(self.model)
 
     def _peft_configs(self, peft_config, client_peft_configs) -> dict | None:
@@ -359,7 +365,7 @@ class FederatedTrainer(Trainer):
         if self.args.should_save:
 
             def write(staging: Path) -> None:
-                self._save(str(staging), state_dict=model_state if holds_shards(self.model) else None)
+                self._save(str(staging), state_dict=model_state)
                 torch.save(self._federated_state(model_state), staging / STATE_FILE)
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
@@ -390,11 +396,6 @@ class FederatedTrainer(Trainer):
     def _resume(self, path: Path) -> None:
         """Load a round checkpoint into the live model, the strategy and the run's progress; refuse one written
         by another strategy or for another model, before anything is changed."""
-        if holds_shards(self.model):
-            raise ValueError(
-                "Resuming a run under DeepSpeed ZeRO-3 is not supported yet: resume under ZeRO-2 or without "
-                f"DeepSpeed (the checkpoint {path} is a plain model), or start the run again."
-            )
         checkpoint = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
         model = self.accelerator.unwrap_model(self.model)
         if checkpoint["strategy"] != self.strategy.name:
@@ -414,6 +415,7 @@ class FederatedTrainer(Trainer):
             self.strategy.load_state_dict(model, checkpoint["strategy_state"], saved)
         except RuntimeError as err:  # shapes differ
             raise ValueError(f"{path} holds a model of other shapes than this one: {err}") from err
+        reload_partitions(self.client_runner.engine)
         restore_rng_states(checkpoint["rng"])
         self.state.log_history = checkpoint["log_history"]
         self._progress = checkpoint["progress"]
@@ -447,11 +449,23 @@ class FederatedTrainer(Trainer):
             return self.deepspeed
         return super()._wrap_model(model, training, dataloader)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not holds_shards(self.model):
+            return super().save_model(output_dir, _internal_call)
+        # Trainer's ZeRO-3 path gathers only a PeftModel's trainable weights; the merged model needs them all
+        self._save(output_dir if output_dir is not None else self.args.output_dir, self._global_state_dict())
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # only the writer builds the merged model
+            return super()._save(output_dir, state_dict)
         model = self.model
-        self.model = self.merged_model()
-        if self.model is not self.accelerator.unwrap_model(model):
-            state_dict = None  # a state dict passed in is the unmerged model's; the merged model holds its own
+        live = self.accelerator.unwrap_model(model)
+        # under ZeRO-3 the live model holds partitions: merge a whole copy of it, built from the gathered weights
+        self.model = self.strategy.merged_model(whole_copy(live, state_dict) if holds_shards(live) else live)
+        if self.model is not live:
+            state_dict = None  # a state dict passed in is the live model's; the merged model holds its own
         try:
             super()._save(output_dir, state_dict)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 
@@ -30,6 +31,55 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
         return param
     start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * partition.ds_numel
     return partition.narrow(0, 0, max(0, min(partition.ds_numel, param.ds_numel - start)))
+
+
+def whole(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole value of a ZeRO-3 partitioned `param`, gathered from every rank's `shard` of it (laid out as
+    `local_shard`'s); `shard` itself when `param` is not partitioned. A collective: every rank calls it."""
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None:
+        return shard
+    padded = shard.new_zeros(partition.ds_numel)
+    padded[: shard.numel()] = shard.reshape(-1)
+    group = getattr(param, "ds_process_group", None)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+
+
+def _own_part(param: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what this rank holds of `param`, the matching part of the whole-shaped `value`)."""
+    target = local_shard(param)
+    if target is param:
+        return param.data, value.reshape(param.shape)
+    start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * param.ds_tensor.ds_numel
+    return target, value.reshape(-1).narrow(0, start, target.numel())
+
+
+def assign_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set `param` to the whole-shaped `value`; under ZeRO-3 each rank writes its own part, to its partition."""
+    target, part = _own_part(param, value)
+    target.copy_(part)
+
+
+def add_whole(param: torch.Tensor, update: torch.Tensor) -> None:
+    """Add the whole-shaped `update` to `param`; under ZeRO-3 each rank adds its own part, to its partition."""
+    target, part = _own_part(param, update)
+    target.add_(part.to(target.dtype))
+
+
+def load_whole_state(model: nn.Module, state: dict) -> None:
+    """`model.load_state_dict(state)` for a state of whole tensors, also when ZeRO-3 partitions the model."""
+    if not holds_shards(model):
+        model.load_state_dict(state)
+        return
+    live = dict(model.named_parameters(remove_duplicate=False))
+    live.update(model.named_buffers(remove_duplicate=False))
+    differing = sorted(state.keys() ^ model.state_dict().keys())
+    if differing:
+        raise RuntimeError(f"the state's keys differ from the model's: {differing[:5]}")
+    for name, value in state.items():
+        assign_whole(live[name], value)
 
 
 def holds_shards(model: nn.Module) -> bool:
@@ -62,3 +112,15 @@ def reload_partitions(engine) -> None:
         return
     engine.optimizer.checkpoint_event_prologue()
     engine.optimizer.checkpoint_event_epilogue()
+
+
+def whole_copy(model: nn.Module, state_dict: dict) -> nn.Module:
+    """A CPU copy of a ZeRO-3 partitioned `model` (a transformers model, or a PeftModel around one) holding the
+    gathered `state_dict`: built anew from its config, since a partitioned model cannot be copied."""
+    if isinstance(model, PeftModel):
+        base = model.get_base_model()
+        copy = get_peft_model(type(base)(base.config), model.peft_config[model.active_adapter])
+    else:
+        copy = type(model)(model.config)
+    copy.load_state_dict(state_dict)
+    return copy

@@ -80,3 +80,11 @@ def test_every_lora_recipe_runs_the_example(tmp_path, strategy):
     assert results["total_bytes_up"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
     assert not any("lora" in name for name in model.state_dict())
+
+
+def test_the_galore_lowrank_recipe_runs_the_example_and_sends_less_than_fedavg(tmp_path):
+    recipe = str(ROOT / "recipes" / "galore_lowrank.yaml")
+    metrics = fed_glue.main([recipe, *SHORT, "--output_dir", str(tmp_path)])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["total_bytes_up"] < results["total_bytes_down"]  # dense down, (c, P, R) up

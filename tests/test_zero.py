@@ -20,13 +20,20 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 SAME_WORK = ["--rounds", "2", "--client_sizes", "8", "8", "8", "--dropout", "0"]
 
 
-def run(launcher, output_dir, *flags):
+def run(launcher, output_dir, *flags, succeeds=True):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [*launcher, str(WORKER), "--output_dir", str(output_dir), *SAME_WORK, *flags]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert (done.returncode == 0) == succeeds, done.stdout[-2000:] + done.stderr[-4000:]
     return output_dir
+
+
+def assert_same_saved_model(saved: Path, expected: Path):
+    reference, weights = (load_file(d / "model.safetensors") for d in (expected, saved))
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=f"{saved.name}: {name}")
 
 
 @pytest.fixture(scope="module")
@@ -34,35 +41,49 @@ def one_process(tmp_path_factory):
     """The reference runs, without DeepSpeed, by strategy."""
     cache = {}
 
-    def reference(strategy):
-        if strategy not in cache:
-            out = tmp_path_factory.mktemp(f"one-{strategy}")
-            cache[strategy] = run([sys.executable], out, "--strategy", strategy, "--batch_size", "8")
-        return cache[strategy]
+    def reference(*flags):
+        if flags not in cache:
+            cache[flags] = run([sys.executable], tmp_path_factory.mktemp("one"), *flags, "--batch_size", "8")
+        return cache[flags]
 
     return reference
 
 
 @pytest.mark.parametrize(
-    "strategy, config",
-    [("fedavg", "zero2"), ("fedavg", "zero3"), ("fedavg", "zero3_offload"), ("fedit", "zero2")],
+    "config, flags",
+    [
+        ("zero2", ["--strategy", "fedavg"]),
+        ("zero3", ["--strategy", "fedavg"]),
+        ("zero3_offload", ["--strategy", "fedavg"]),
+        ("zero3", ["--strategy", "fedavg", "--update_clip_norm", "0.01"]),  # the norm of the whole update
+        ("zero2", ["--strategy", "fedit"]),
+        ("zero3", ["--strategy", "fedit"]),  # LoRA factors averaged shard by shard; saved merged from the gather
+        ("zero2", ["--strategy", "fedex_lora"]),  # products of whole factors, the residual folded into the base
+        ("zero3", ["--strategy", "fedex_lora"]),  # the factors gathered for the products, the residual by shard
+    ],
+    ids=lambda value: value if isinstance(value, str) else "-".join(value[1::2]),
 )
-def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_process, strategy, config):
-    expected = one_process(strategy)
+def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_process, config, flags):
+    expected = one_process(*flags)
     deepspeed = REPO / "recipes" / "deepspeed" / f"{config}.json"
-    two = run(TORCHRUN, tmp_path, "--strategy", strategy, "--deepspeed", str(deepspeed))
+    two = run(TORCHRUN, tmp_path, *flags, "--deepspeed", str(deepspeed))
     # the saved model (save_model, and each round's checkpoint) is whole, merged, and a plain transformers model
-    reference = load_file(expected / "model" / "model.safetensors")
     for saved in (two / "model", two / "round-2"):
-        weights = load_file(saved / "model.safetensors")
-        assert weights.keys() == reference.keys()
-        for name, value in reference.items():
-            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=f"{saved.name}: {name}")
+        assert_same_saved_model(saved, expected / "model")
         assert isinstance(BertForSequenceClassification.from_pretrained(saved), BertForSequenceClassification)
     one, zero = (json.loads((d / "rounds.json").read_text()) for d in (expected, two))
     for a, b in zip(one, zero, strict=True):  # bytes of whole tensors, not of one rank's shards; loss of both halves
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+
+
+def test_a_zero3_run_killed_mid_round_resumes_to_the_global_model_of_one_process(tmp_path):
+    zero3 = ["--strategy", "fedit", "--deepspeed", str(REPO / "recipes" / "deepspeed" / "zero3.json"), "--rounds", "3"]
+    run(TORCHRUN, tmp_path / "run", *zero3, "--kill_in_round", "3", succeeds=False)
+    assert sorted(p.name for p in (tmp_path / "run").glob("round-*")) == ["round-1", "round-2"]
+    run(TORCHRUN, tmp_path / "run", *zero3, "--resume")  # the checkpoint's whole weights loaded into partitions
+    one = run([sys.executable], tmp_path / "one", "--strategy", "fedit", "--batch_size", "8", "--rounds", "3")
+    assert_same_saved_model(tmp_path / "run" / "model", one / "model")
 
 
 def test_the_zero3_recipe_launches_the_example(tmp_path):

@@ -10,6 +10,7 @@ from torch import nn
 
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
+from fed_trainer.zero import load_whole_state
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -40,6 +41,7 @@ class Strategy(ABC):
         self.args: FederatedConfig | None = None
         self._sum: TensorDict | None = None
         self._mass = 0.0  # the sum of the weights aggregated this round
+        self.sharded = False  # whether the model's parameters are ZeRO-3 partitions (see `on_model_sharded`)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
@@ -48,6 +50,11 @@ class Strategy(ABC):
         """
         self.args = args
         return model
+
+    def client_callbacks(self) -> list:
+        """`TrainerCallback`s added to the client trainer, for a strategy that records what happens during local
+        training (none by default)."""
+        return []
 
     def on_model_sharded(self, model: nn.Module) -> None:
         """Called once DeepSpeed ZeRO-3 has partitioned `model`'s parameters over the ranks (before the first
@@ -118,7 +125,7 @@ class Strategy(ABC):
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         """Resume: load the checkpoint's `model_state` into `model` and restore `state` from `state_dict()`."""
-        model.load_state_dict(model_state)
+        load_whole_state(model, model_state)
 
     def merged_model(self, model: nn.Module) -> nn.Module:
         """The global model as a plain transformers model (strategies with adapters fold them in)."""

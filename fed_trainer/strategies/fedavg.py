@@ -62,6 +62,7 @@ class FedAvg(Strategy):
         self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
 
     def on_model_sharded(self, model: nn.Module) -> None:
+        self.sharded = True
         self._take_global_state(model)
 
     def begin_round(self, round_number: int) -> None:
@@ -71,7 +72,7 @@ class FedAvg(Strategy):
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         args = self.args
         if args.update_clip_norm is not None:
-            payload = clipped(payload, self.global_state, args.update_clip_norm)
+            payload = clipped(payload, self.global_state, args.update_clip_norm, self.sharded)
         if args.aggregation_rule == "mean":
             super().aggregate(payload, weight, client_id)
         else:
@@ -108,7 +109,7 @@ class FedAvg(Strategy):
         args = self.args
         if args.aggregation_rule == "mean" and args.dp_noise_multiplier is not None:
             std = args.dp_noise_multiplier * args.update_clip_norm / args.clients_sampled_per_round
-            aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std)
+            aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std, self.sharded)
         elif args.aggregation_rule == "mean":
             aggregate = {name: total / self.aggregated_weight for name, total in self._sum.items()}
         else:

@@ -13,8 +13,16 @@ from torch import nn
 
 from fed_trainer.distributed import all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import ADAPTER, LoraStrategy, factor_names, fold_into_base, lora_factors
+from fed_trainer.strategies.lora import (
+    ADAPTER,
+    LoraStrategy,
+    factor_names,
+    fold_into_base,
+    lora_factors,
+    lora_parameters,
+)
 from fed_trainer.strategies.registry import register_strategy
+from fed_trainer.zero import local_shard, whole
 
 
 @register_strategy("fedex_lora")
@@ -28,8 +36,9 @@ class FedExLoRA(LoraStrategy):
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         super().aggregate(payload, weight, client_id)
         coefficient = weight * self.scaling(client_id)
-        for name in self.layers:
-            a, b = (payload[key].detach().flatten(1).float() for key in factor_names(name))
+        for name, layer in self.layers.items():  # whole factors: under ZeRO-3 the payload holds this rank's shards
+            pairs = zip(factor_names(name), lora_parameters(layer))
+            a, b = (whole(payload[key].detach(), p).flatten(1).float() for key, p in pairs)
             product = (b @ a).mul_(coefficient)
             if name in self._products:
                 self._products[name].add_(product)
@@ -43,7 +52,8 @@ class FedExLoRA(LoraStrategy):
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)
         if self.round_number > 1:  # the base weights have moved: clients need the dense residual
-            message.update({f"{name}.base": layer.get_base_layer().weight for name, layer in self.layers.items()})
+            base = {f"{name}.base": local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
+            message.update(base)
         return message
 
     def finish_round(self, model: nn.Module) -> None:

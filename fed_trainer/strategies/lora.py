@@ -23,6 +23,7 @@ from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
+from fed_trainer.zero import add_whole, assign_whole, local_shard, whole
 
 ADAPTER = "default"
 # LoraConfig fields that may differ between clients; everything else must match.
@@ -45,20 +46,22 @@ def lora_parameters(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
 
 
 def lora_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as matrices, A: r x fan_in, B: out x r, detached views of the live parameters.
+    """(A, B) as matrices, A: r x fan_in, B: out x r, detached views of the live parameters (under DeepSpeed ZeRO-3,
+    gathered copies: a collective).
 
     For a Linear adapter they are the weights; a Conv2d adapter's A (r x in x k x k) is flattened to r x (in k k)
     and its B (out x r x 1 x 1) to out x r, so that B A, reshaped, is PEFT's delta weight for every layer type.
     """
-    a, b = lora_parameters(layer)
-    return a.detach().flatten(1), b.detach().flatten(1)
+    a, b = (whole(local_shard(p), p).detach() for p in lora_parameters(layer))
+    return a.flatten(1), b.flatten(1)
 
 
 def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
     """Add an out x fan_in update to the frozen base weight, in the weight's own orientation and shape (Conv1D is
-    in x out; a Conv2d kernel is out x in x k x k)."""
+    in x out; a Conv2d kernel is out x in x k x k); under ZeRO-3 each rank adds its part to its partition."""
     weight = layer.get_base_layer().weight
-    weight.data.add_(transpose(delta, getattr(layer, "fan_in_fan_out", False)).reshape(weight.shape).to(weight.dtype))
+    shape = getattr(weight, "ds_shape", weight.shape)
+    add_whole(weight, transpose(delta, getattr(layer, "fan_in_fan_out", False)).reshape(shape))
 
 
 def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
@@ -66,16 +69,18 @@ def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling
     changes."""
     live_a, live_b = lora_parameters(layer)
     r = a.shape[0]
-    if live_a.shape[0] != r:
+    shape_a, shape_b = (getattr(p, "ds_shape", p.shape) for p in (live_a, live_b))  # ZeRO-3: the whole shape
+    if shape_a[0] != r:
         live_a = nn.Parameter(live_a.new_zeros(r, *live_a.shape[1:]), requires_grad=live_a.requires_grad)
         live_b = nn.Parameter(
             live_b.new_zeros(live_b.shape[0], r, *live_b.shape[2:]), requires_grad=live_b.requires_grad
         )
         layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight = live_a, live_b
         layer.r[ADAPTER] = r
+        shape_a, shape_b = live_a.shape, live_b.shape
     layer.scaling[ADAPTER] = scaling
-    live_a.data.copy_(a.reshape(live_a.shape))
-    live_b.data.copy_(b.reshape(live_b.shape))
+    assign_whole(live_a, a.reshape(shape_a))
+    assign_whole(live_b, b.reshape(shape_b))
 
 
 def kaiming_like(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

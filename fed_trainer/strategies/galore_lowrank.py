@@ -1,0 +1,131 @@
+"""GaLore + FedAvg with an exact low-rank uplink.
+
+Within one projector period of GaLore-AdamW (galore_torch's `adamw.py`), every update of a targeted 2-D weight lies
+in the span of the period's projector, and weight decay is applied after the update: W <- (W - a P N)(1 - lr wd).
+So after the period W_end = c W_start + P R, with c the product of (1 - lr_t wd) over the period's steps and
+R = P^T (W_end - c W_start) (P has orthonormal columns; for a right projection Q, W_end = c W_start + R Q and
+R = (W_end - c W_start) Q^T). A client sends, per targeted weight and period, (c, P, R): r (m + n) numbers instead of
+m n. The server rebuilds every client's weights from the global ones, period by period, and averages them as
+FedAvg does: the aggregate is FedAvg's, up to floating-point rounding. Other trainable tensors travel dense.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from fed_trainer.config import FederatedConfig
+from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.fedavg import FedAvg
+from fed_trainer.strategies.registry import register_strategy
+
+
+class ProjectedUpdates(TrainerCallback):
+    """Records, on the client trainer, each GaLore period's (c, P, R) for every projected weight.
+
+    A period ends after the step that makes GaLore's step count a multiple of `update_proj_gap` (the next step
+    computes a new projector) and at the end of the client's training.
+    """
+
+    def __init__(self) -> None:
+        self.periods: dict[torch.Tensor, list[tuple[float, str, torch.Tensor, torch.Tensor]]] = {}
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = optimizer
+        self.groups = [group for group in optimizer.param_groups if "rank" in group]
+        params = [p for group in self.groups for p in group["params"]]
+        self.periods = {p: [] for p in params}
+        self.start = {p: p.detach().clone() for p in params}  # the weights at the period's start
+        self.decay = dict.fromkeys(params, 1.0)  # c of the period so far
+        self.open = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for group in self.groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.decay[p] *= 1.0 - group["lr"] * group["weight_decay"]
+        self.open = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        group = self.groups[0] if self.groups else None
+        if group is not None and self._step(group) % group["update_proj_gap"] == 0:
+            self._close_period()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.open:
+            self._close_period()
+        self.start = {}
+
+    def _step(self, group) -> int:
+        return next(self.optimizer.state[p]["step"] for p in group["params"] if "step" in self.optimizer.state[p])
+
+    @torch.no_grad()
+    def _close_period(self) -> None:
+        for p, start in self.start.items():
+            projector = self.optimizer.state[p].get("projector")
+            if projector is None:  # no gradient reached this weight: it has not moved
+                continue
+            delta = p.detach().float() - self.decay[p] * start.float()
+            basis = projector.ortho_matrix.float()
+            if basis.shape[0] == p.shape[0] and basis.shape[1] != p.shape[1]:  # left: W += P R, P is m x r
+                side, factor = "left", basis.T @ delta
+            else:  # right: W += R Q, Q is r x n
+                side, factor = "right", delta @ basis.T
+            self.periods[p].append((self.decay[p], side, basis.clone(), factor))
+            start.copy_(p.detach())
+            self.decay[p] = 1.0
+        self.open = False
+
+
+@register_strategy("galore_lowrank")
+class GaLoreLowRank(FedAvg):
+    """FedAvg's aggregate from GaLore clients that send each projected weight as (c, P, R) per projector period."""
+
+    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
+        optim = str(getattr(args.optim, "value", args.optim))
+        if optim != "galore_adamw":
+            raise ValueError(
+                f"strategy 'galore_lowrank' sends GaLore's projected updates, so it needs optim='galore_adamw' (with "
+                f"optim_target_modules), got optim={optim!r}; use strategy='fedavg' for other optimizers."
+            )
+        self.recorder = ProjectedUpdates()
+        self.names = {p: name for name, p in model.named_parameters()}
+        return super().setup(model, args, peft_configs)
+
+    def client_callbacks(self) -> list[TrainerCallback]:
+        return [self.recorder]
+
+    def client_payload(self, model: nn.Module, client_id) -> TensorDict:
+        payload = dict(self.averaged_state(model))
+        for p, periods in self.recorder.periods.items():
+            if not periods:
+                continue
+            name = self.names[p]
+            del payload[name]
+            for j, (decay, side, basis, factor) in enumerate(periods):
+                payload[f"{name}@{j}.c"] = torch.tensor(decay, dtype=torch.float64)
+                payload[f"{name}@{j}.{side}"] = basis
+                payload[f"{name}@{j}.R"] = factor
+        return payload
+
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        super().aggregate(self.rebuilt(payload), weight, client_id)
+
+    def rebuilt(self, payload: TensorDict) -> TensorDict:
+        """The client's dense weights: the global ones carried through its periods, W <- c W + P R (or R Q)."""
+        dense = {name: value for name, value in payload.items() if "@" not in name}
+        for name, start in self.global_state.items():
+            if name in dense:
+                continue
+            weight, j = start.float(), 0
+            while f"{name}@{j}.c" in payload:
+                factor = payload[f"{name}@{j}.R"].float()
+                if f"{name}@{j}.left" in payload:
+                    step = payload[f"{name}@{j}.left"].float() @ factor
+                else:
+                    step = factor @ payload[f"{name}@{j}.right"].float()
+                weight = float(payload[f"{name}@{j}.c"]) * weight + step
+                j += 1
+            dense[name] = weight
+        return dense
