@@ -365,7 +365,8 @@ class FederatedTrainer(Trainer):
         if self.args.should_save:
 
             def write(staging: Path) -> None:
-                self._save(str(staging), state_dict=model_state)
+                # without ZeRO-3 the live model saves itself (save_pretrained edits a state dict it is given)
+                self._save(str(staging), state_dict=model_state if holds_shards(self.model) else None)
                 torch.save(self._federated_state(model_state), staging / STATE_FILE)
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
