@@ -10,7 +10,7 @@ from transformers.utils import logging
 
 from fed_trainer.distributed import all_reduce_scalar, is_client_parallel
 from fed_trainer.strategies.base import Strategy, tensor_bytes
-from fed_trainer.zero import holds_shards, reload_partitions
+from fed_trainer.zero import reload_partitions
 
 logger = logging.get_logger(__name__)
 
@@ -89,7 +89,7 @@ class AggregationCallback(FederatedCallback):
         payload = self.strategy.client_payload(model, client_id)
         self.round_bytes_up += tensor_bytes(payload)
         bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
-        if holds_shards(model) and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards
+        if self.strategy.sharded and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards
             bad = bad or "another rank's shard"
         if bad is not None:
             logger.warning(

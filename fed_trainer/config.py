@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from fed_trainer.distributed import launched_with
+
 logger = logging.getLogger(__name__)
 
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
@@ -20,7 +22,7 @@ AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
 def deepspeed_zero_stage(deepspeed: Any) -> int:
     """The ZeRO stage a run uses: from a `TrainingArguments.deepspeed` value (a dict or a JSON path), else from an
     `accelerate launch` DeepSpeed config (which reaches the process through the environment); 0 without DeepSpeed."""
-    if deepspeed is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if deepspeed is None and launched_with("DEEPSPEED"):
         deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         if deepspeed == "none":
             return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
@@ -179,7 +181,7 @@ class FederatedConfig(TrainingArguments):
             )
 
     def _check_processes(self) -> None:
-        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if self.fsdp or launched_with("FSDP"):
             raise ValueError(
                 "FederatedTrainer does not support FSDP: for a model that does not fit one device use DeepSpeed "
                 "ZeRO-3 (recipes/accelerate/zero3.yaml); otherwise drop the FSDP config, and with several processes "

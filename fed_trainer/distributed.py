@@ -36,10 +36,16 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def launched_with(sharder: str) -> bool:
+    """Whether `accelerate launch` configured `sharder` ("DEEPSPEED" or "FSDP"): its config reaches the process, and
+    transformers, through the environment."""
+    return os.environ.get(f"ACCELERATE_USE_{sharder}", "false").lower() == "true"
+
+
 def is_sharded(args) -> bool:
     """Whether the model is sharded over the processes: DeepSpeed or FSDP, from the arguments or from an
     `accelerate launch` config (which reaches transformers through the environment)."""
-    from_launcher = any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in SHARDERS)
+    from_launcher = any(launched_with(name) for name in SHARDERS)
     return bool(args.deepspeed or args.fsdp or from_launcher)
 
 

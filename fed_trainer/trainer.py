@@ -314,7 +314,7 @@ class FederatedTrainer(Trainer):
             outcome = merged(all_gather_objects(outcome))
         elif args.world_size > 1:  # sharded: each rank saw its part of every batch, and under ZeRO-3 its shards
             outcome["losses"] = {cid: all_reduce_scalar(v) / args.world_size for cid, v in outcome["losses"].items()}
-            if holds_shards(self.model):
+            if self.strategy.sharded:
                 outcome.update(bytes_up=int(all_reduce_scalar(outcome["bytes_up"])),
                                bytes_down=int(all_reduce_scalar(outcome["bytes_down"])))  # fmt: skip
         accepted = set(outcome["accepted"])
@@ -366,7 +366,7 @@ class FederatedTrainer(Trainer):
 
             def write(staging: Path) -> None:
                 # without ZeRO-3 the live model saves itself (save_pretrained edits a state dict it is given)
-                self._save(str(staging), state_dict=model_state if holds_shards(self.model) else None)
+                self._save(str(staging), state_dict=model_state if self.strategy.sharded else None)
                 torch.save(self._federated_state(model_state), staging / STATE_FILE)
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
@@ -376,7 +376,7 @@ class FederatedTrainer(Trainer):
     def _global_state_dict(self) -> dict:
         """The state dict of the live global model; under ZeRO-3 gathered from the ranks' partitions (a collective:
         every rank calls it, the main process gets the weights)."""
-        if holds_shards(self.model):
+        if self.strategy.sharded:
             return self.accelerator.get_state_dict(self.deepspeed)
         return self.accelerator.unwrap_model(self.model).state_dict()
 
@@ -451,7 +451,7 @@ class FederatedTrainer(Trainer):
         return super()._wrap_model(model, training, dataloader)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not holds_shards(self.model):
+        if not self.strategy.sharded:
             return super().save_model(output_dir, _internal_call)
         # Trainer's ZeRO-3 path gathers only a PeftModel's trainable weights; the merged model needs them all
         self._save(output_dir if output_dir is not None else self.args.output_dir, self._global_state_dict())
@@ -464,7 +464,7 @@ class FederatedTrainer(Trainer):
         model = self.model
         live = self.accelerator.unwrap_model(model)
         # under ZeRO-3 the live model holds partitions: merge a whole copy of it, built from the gathered weights
-        self.model = self.strategy.merged_model(whole_copy(live, state_dict) if holds_shards(live) else live)
+        self.model = self.strategy.merged_model(whole_copy(live, state_dict) if self.strategy.sharded else live)
         if self.model is not live:
             state_dict = None  # a state dict passed in is the live model's; the merged model holds its own
         try:

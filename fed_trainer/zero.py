@@ -14,10 +14,9 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 
-def zero_stage(accelerator) -> int:
-    """The ZeRO stage of the accelerator's DeepSpeed plugin; 0 without DeepSpeed."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return 0 if plugin is None else int(plugin.zero_stage)
+def _shard_start(param: torch.Tensor) -> int:
+    """Where this rank's partition of a ZeRO-3 `param` starts in the flattened whole."""
+    return dist.get_rank(group=getattr(param, "ds_process_group", None)) * param.ds_tensor.ds_numel
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
@@ -29,8 +28,7 @@ def local_shard(param: torch.Tensor) -> torch.Tensor:
     partition = getattr(param, "ds_tensor", None)
     if partition is None:
         return param
-    start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * partition.ds_numel
-    return partition.narrow(0, 0, max(0, min(partition.ds_numel, param.ds_numel - start)))
+    return partition.narrow(0, 0, max(0, min(partition.ds_numel, param.ds_numel - _shard_start(param))))
 
 
 def whole(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -52,8 +50,7 @@ def _own_part(param: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, t
     target = local_shard(param)
     if target is param:
         return param.data, value.reshape(param.shape)
-    start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * param.ds_tensor.ds_numel
-    return target, value.reshape(-1).narrow(0, start, target.numel())
+    return target, value.reshape(-1).narrow(0, _shard_start(param), target.numel())
 
 
 def assign_whole(param: torch.Tensor, value: torch.Tensor) -> None:
