@@ -9,7 +9,7 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.utils import logging
 
 from fed_trainer.distributed import all_reduce_scalar, is_client_parallel
-from fed_trainer.strategies.base import Strategy, tensor_bytes
+from fed_trainer.strategies.base import Strategy
 from fed_trainer.zero import reload_partitions
 
 logger = logging.get_logger(__name__)
@@ -81,13 +81,13 @@ class AggregationCallback(FederatedCallback):
 
     def on_client_begin(self, args, state, control, client_id=None, model=None, **kwargs):
         message = self.strategy.server_message(client_id)
-        self.round_bytes_down += tensor_bytes(message)
+        self.round_bytes_down += self.strategy.traffic_bytes(message)
         self.strategy.load_client(model, message, client_id)
         reload_partitions(self.engine)
 
     def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
         payload = self.strategy.client_payload(model, client_id)
-        self.round_bytes_up += tensor_bytes(payload)
+        self.round_bytes_up += self.strategy.traffic_bytes(payload)
         bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
         if self.strategy.sharded and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards
             bad = bad or "another rank's shard"

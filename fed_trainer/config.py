@@ -19,19 +19,24 @@ CLIENT_WEIGHTINGS = ("num_examples", "uniform")
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
 
 
-def deepspeed_zero_stage(deepspeed: Any) -> int:
-    """The ZeRO stage a run uses: from a `TrainingArguments.deepspeed` value (a dict or a JSON path), else from an
-    `accelerate launch` DeepSpeed config (which reaches the process through the environment); 0 without DeepSpeed."""
+def deepspeed_settings(deepspeed: Any) -> dict:
+    """The DeepSpeed config a run uses: a `TrainingArguments.deepspeed` value (a dict or a JSON path), else an
+    `accelerate launch` DeepSpeed config (which reaches the process through the environment); {} without DeepSpeed."""
     if deepspeed is None and launched_with("DEEPSPEED"):
         deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         if deepspeed == "none":
-            return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+            return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
     if deepspeed is None:
-        return 0
+        return {}
     if isinstance(deepspeed, str):
         with open(deepspeed, encoding="utf-8") as f:
-            deepspeed = json.load(f)
-    stage = deepspeed.get("zero_optimization", {}).get("stage", 0)
+            return json.load(f)
+    return deepspeed
+
+
+def deepspeed_zero_stage(deepspeed: Any) -> int:
+    """The ZeRO stage a run uses (see `deepspeed_settings`); 0 without DeepSpeed."""
+    stage = deepspeed_settings(deepspeed).get("zero_optimization", {}).get("stage", 0)
     return int(stage) if str(stage).isdigit() else 0
 
 
@@ -196,18 +201,11 @@ class FederatedConfig(TrainingArguments):
             )
 
     def _check_deepspeed(self) -> None:
-        stage = deepspeed_zero_stage(self.deepspeed)
-        if not stage:
-            return
-        from fed_trainer.strategies.registry import get_strategy
-
-        strategy = get_strategy(self.strategy)
-        if getattr(strategy, "heterogeneous_ranks", False):
+        if "scheduler" in deepspeed_settings(self.deepspeed):
             raise ValueError(
-                f"strategy {self.strategy!r} cannot train under DeepSpeed: it resizes the clients' adapters (a "
-                "global rank above the clients'), while the one DeepSpeed engine's optimizer holds a fixed set of "
-                "parameters. Drop the DeepSpeed config (with several processes the rounds are then "
-                "client-parallel), or use 'fedit', 'ffa_lora' or 'fedex_lora' under ZeRO-2."
+                "The DeepSpeed config has a 'scheduler' section, which would restart the learning-rate schedule for "
+                "every client; FederatedTrainer runs one schedule over the whole run (num_rounds x local_steps "
+                "steps). Remove the section and set lr_scheduler_type / warmup_steps in the FederatedConfig."
             )
 
     def _check_partition(self) -> None:

@@ -361,13 +361,14 @@ class FederatedTrainer(Trainer):
         """Write `output_dir/round-N` for the last finished round N: the merged global model (a plain
         transformers model) and `federated_state.pt` to resume from. Atomic: written aside, then renamed."""
         directory = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self._progress['round']}"
-        model_state = self._global_state_dict()  # under ZeRO-3 every rank takes part in the gather
+        model_state = self._global_state_dict()  # under ZeRO-3 every rank takes part in the gathers
+        strategy_state = self.strategy.state_dict()
         if self.args.should_save:
 
             def write(staging: Path) -> None:
                 # without ZeRO-3 the live model saves itself (save_pretrained edits a state dict it is given)
                 self._save(str(staging), state_dict=model_state if self.strategy.sharded else None)
-                torch.save(self._federated_state(model_state), staging / STATE_FILE)
+                torch.save(self._federated_state(model_state, strategy_state), staging / STATE_FILE)
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
@@ -380,7 +381,7 @@ class FederatedTrainer(Trainer):
             return self.accelerator.get_state_dict(self.deepspeed)
         return self.accelerator.unwrap_model(self.model).state_dict()
 
-    def _federated_state(self, model_state: dict) -> dict:
+    def _federated_state(self, model_state: dict, strategy_state: dict) -> dict:
         model = self.accelerator.unwrap_model(self.model)
         return {
             "format": CHECKPOINT_FORMAT,
@@ -388,7 +389,7 @@ class FederatedTrainer(Trainer):
             "strategy": self.strategy.name,
             "model_class": _model_class_name(model),
             "model": cpu_state(model_state),
-            "strategy_state": self.strategy.state_dict(),
+            "strategy_state": strategy_state,
             "progress": copy.deepcopy(self._progress),
             "log_history": copy.deepcopy(self.state.log_history),
             "rng": rng_states(),

@@ -45,24 +45,23 @@ def whole(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
 
-def _own_part(param: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what this rank holds of `param`, the matching part of the whole-shaped `value`)."""
-    target = local_shard(param)
-    if target is param:
-        return param.data, value.reshape(param.shape)
-    return target, value.reshape(-1).narrow(0, _shard_start(param), target.numel())
+def own_part(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The part of the whole-shaped `value` that matches `local_shard(param)` (all of it, in `param`'s shape, when
+    `param` is not partitioned)."""
+    if getattr(param, "ds_tensor", None) is None:
+        return value.reshape(param.shape)
+    return value.reshape(-1).narrow(0, _shard_start(param), local_shard(param).numel())
 
 
 def assign_whole(param: torch.Tensor, value: torch.Tensor) -> None:
     """Set `param` to the whole-shaped `value`; under ZeRO-3 each rank writes its own part, to its partition."""
-    target, part = _own_part(param, value)
-    target.copy_(part)
+    local_shard(param).data.copy_(own_part(param, value))
 
 
 def add_whole(param: torch.Tensor, update: torch.Tensor) -> None:
     """Add the whole-shaped `update` to `param`; under ZeRO-3 each rank adds its own part, to its partition."""
-    target, part = _own_part(param, update)
-    target.add_(part.to(target.dtype))
+    target = local_shard(param).data
+    target.add_(own_part(param, update).to(target.dtype))
 
 
 def load_whole_state(model: nn.Module, state: dict) -> None:

@@ -29,7 +29,7 @@ ZERO2 = {"zero_optimization": {"stage": 2}}
             "GaLore does not work under DeepSpeed ZeRO",
         ),
         (dict(fsdp=True, use_cpu=True), "does not support FSDP"),
-        (dict(strategy="flexlora", deepspeed=ZERO2), "resizes the clients' adapters"),
+        (dict(deepspeed={**ZERO2, "scheduler": {"type": "WarmupLR"}}), "restart the learning-rate schedule"),
     ],
 )
 def test_invalid_config_raises_a_message_that_names_the_fix(tmp_path, overrides, message):

@@ -161,7 +161,13 @@ def test_flora_folds_the_round_into_the_base_and_starts_lora_afresh(make_config)
             if ".lora_B." in name:
                 assert not value.any(), name  # fresh LoRA: B = 0, so the client starts from the folded base
         assert_state_close(second["start"][cid], first["global"])
-        assert raw[next(n for n in raw if ".lora_A." in n)].shape[0] == [2, 4, 8][cid]
+    for record in probe.rounds:  # one adapter of rank 8: a client of rank r trains its first r directions
+        for cid, r in enumerate([2, 4, 8]):
+            for state in (record["raw_start"][cid], record["raw_end"][cid]):
+                a = state[next(n for n in state if ".lora_A." in n)]
+                b = state[next(n for n in state if ".lora_B." in n)]
+                assert a.shape[0] == 8 and a[:r].abs().min() > 0
+                assert not a[r:].any() and not b[:, r:].any()  # the padding gets no gradient: it stays zero
 
 
 @pytest.mark.parametrize("ranks", [[2, 4, 8], [4, 4, 4]])
@@ -197,7 +203,7 @@ def test_flexlora_keeps_learning_after_a_round_with_no_update(make_config):
     assert all((second["global"][n] - initial[n]).abs().max() > 1e-4 for n in targets)
     for cid, raw in second["raw_start"].items():
         a_name = next(n for n in raw if ".lora_A." in n)
-        assert raw[a_name].abs().min(dim=1).values.gt(0).all(), cid
+        assert raw[a_name][: [2, 4, 8][cid]].abs().min(dim=1).values.gt(0).all(), cid  # its own r directions
 
 
 @pytest.mark.parametrize("strategy", ["fedit", "ffa_lora", "fedex_lora", "flora", "flexlora"])

@@ -54,10 +54,11 @@ def aggregate_once(strategy_name, out_features, in_features, ranks, weights, see
     expected = torch.zeros_like(w0)
     for c in order:
         strategy.load_client(model, strategy.server_message(c), c)
-        a, b = lora_parameters(layer)
+        a, b = lora_parameters(layer)  # one adapter of the largest rank: client c trains its first r_c directions
+        r = ranks[c]
         if strategy_name != "ffa_lora":  # FFA-LoRA's A is frozen and shared
-            a.data.copy_(torch.tensor(draws[c][0], dtype=a.dtype))
-        b.data.copy_(torch.tensor(draws[c][1], dtype=b.dtype))
+            a.data[:r] = torch.tensor(draws[c][0], dtype=a.dtype)
+        b.data[:, :r] = torch.tensor(draws[c][1], dtype=b.dtype)
         scaling = lora_scaling(configs[c])
         expected += weights[c] * (w0 + scaling * b.detach().double() @ a.detach().double())
         strategy.aggregate(strategy.client_payload(model, c), weights[c], c)

@@ -60,6 +60,10 @@ def one_process(tmp_path_factory):
         ("zero3", ["--strategy", "fedit"]),  # LoRA factors averaged shard by shard; saved merged from the gather
         ("zero2", ["--strategy", "fedex_lora"]),  # products of whole factors, the residual folded into the base
         ("zero3", ["--strategy", "fedex_lora"]),  # the factors gathered for the products, the residual by shard
+        # mixed ranks in one adapter of the largest rank (the rest zero-padded): the engine's parameters keep shape
+        ("zero2", ["--strategy", "flexlora", "--ranks", "2,4,8"]),
+        ("zero3", ["--strategy", "flexlora", "--ranks", "2,4,8"]),  # dW folded into base partitions between rounds
+        ("zero3", ["--strategy", "flora", "--ranks", "2,4,8"]),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(value[1::2]),
 )
@@ -78,17 +82,20 @@ def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_proce
 
 
 def test_a_zero3_run_killed_mid_round_resumes_to_the_global_model_of_one_process(tmp_path):
-    zero3 = ["--strategy", "fedit", "--deepspeed", str(REPO / "recipes" / "deepspeed" / "zero3.json"), "--rounds", "3"]
+    # FlexLoRA's state includes W0 of the targeted layers: gathered from the partitions into the checkpoint
+    flexlora = ["--strategy", "flexlora", "--ranks", "2,4,8", "--rounds", "3"]
+    zero3 = [*flexlora, "--deepspeed", str(REPO / "recipes" / "deepspeed" / "zero3.json")]
     run(TORCHRUN, tmp_path / "run", *zero3, "--kill_in_round", "3", succeeds=False)
     assert sorted(p.name for p in (tmp_path / "run").glob("round-*")) == ["round-1", "round-2"]
     run(TORCHRUN, tmp_path / "run", *zero3, "--resume")  # the checkpoint's whole weights loaded into partitions
-    one = run([sys.executable], tmp_path / "one", "--strategy", "fedit", "--batch_size", "8", "--rounds", "3")
+    one = run([sys.executable], tmp_path / "one", *flexlora, "--batch_size", "8")
     assert_same_saved_model(tmp_path / "run" / "model", one / "model")
 
 
-def test_the_zero3_recipe_launches_the_example(tmp_path):
+@pytest.mark.parametrize("recipe", ["zero2", "zero3", "zero3_offload"])
+def test_the_zero_recipes_launch_the_example(tmp_path, recipe):
     accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
-    launch = [*accelerate, str(REPO / "recipes/accelerate/zero3.yaml"), str(REPO / "examples/fed_glue.py")]
+    launch = [*accelerate, str(REPO / f"recipes/accelerate/{recipe}.yaml"), str(REPO / "examples/fed_glue.py")]
     tiny = ["--use_cpu", "--num_rounds", "1", "--local_steps", "1", "--max_train_samples", "32",
             "--max_eval_samples", "16", "--max_seq_length", "32", "--output_dir", str(tmp_path / "out"),
             "--disable_tqdm", "true"]  # fmt: skip

@@ -118,9 +118,15 @@ class Strategy(ABC):
             f"strategy {self.name!r} does not implement restore_global, so an abandoned round cannot be undone."
         )
 
+    def traffic_bytes(self, tensors: TensorDict) -> int:
+        """The bytes of a message or payload that this process accounts for. Under ZeRO-3 the trainer sums them
+        over the ranks, each of which holds its shards; a strategy that sends whole tensors there (alike on every
+        rank) counts them on one rank only."""
+        return tensor_bytes(tensors)
+
     def state_dict(self) -> dict:
         """What the strategy needs, beyond the live model's weights, to continue a run (saved in round
-        checkpoints); tensors only in plain containers."""
+        checkpoints); tensors only in plain containers. Called on every process (under ZeRO-3 it may gather)."""
         return {}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:

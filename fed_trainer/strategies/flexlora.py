@@ -1,10 +1,14 @@
 """FlexLoRA (Bai et al., 2024): the server keeps the exact aggregated update and hands each client the best
 rank-r_k approximation of it.
 
-dW = sum_k p_k s_k B_k A_k is kept as stacked factors (exact, rank R = sum r_k); the global model is W0 + dW.
-Client k starts the next round from U_k S_k V_k^T, the rank-r_k truncated SVD of dW, computed from the factors
-(`fed_trainer.lowrank`), split as B = U sqrt(S/s_k), A = sqrt(S/s_k) V^T so that s_k B A equals it. In the first
-round each client starts from PEFT's initialisation at its own rank. Uplink and downlink r_k(out+in) per layer.
+dW = sum_k p_k s_k B_k A_k is kept as stacked factors (exact, rank R = sum r_k); the global model is W0 + dW. Between
+rounds the live model holds it in its base weights (its adapters have B = 0). Client k starts the next round from W0
+plus U_k S_k V_k^T, the rank-r_k truncated SVD of dW, computed from the factors (`fed_trainer.lowrank`), split as
+B = U sqrt(S/s_k), A = sqrt(S/s_k) V^T so that s_k B A equals it. In the first round each client starts from PEFT's
+initialisation at its own rank. Uplink and downlink r_k(out+in) per layer.
+
+W0 of the targeted layers is kept in host memory (under ZeRO-3, this rank's partitions of it) so that every client
+restarts from it exactly; round checkpoints hold it too, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from torch import nn
 
 from fed_trainer.lowrank import truncated_svd_of_product
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.lora import StackedLoraStrategy, lora_factors
+from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
+from fed_trainer.zero import local_shard, own_part, whole
 
 
 @register_strategy("flexlora")
@@ -23,18 +28,39 @@ class FlexLoRA(StackedLoraStrategy):
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.update: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # dW by layer as (left, right)
+        self._take_origin()
         return model
 
+    def on_model_sharded(self, model: nn.Module) -> None:
+        super().on_model_sharded(model)
+        self._take_origin()
+
+    def _base_weights(self) -> TensorDict:
+        """What this rank holds of every targeted base weight (all of it without ZeRO-3)."""
+        return {name: local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
+
+    def _take_origin(self) -> None:
+        self.origin = {name: w.detach().to("cpu", copy=True) for name, w in self._base_weights().items()}
+
+    def _set_base(self, with_update: bool) -> None:
+        """Base weights := W0, plus dW if `with_update`."""
+        for name, weight in self._base_weights().items():
+            weight.data.copy_(self.origin[name])
+            if with_update and name in self.update:
+                left, right = self.update[name]
+                fold_into_base(self.layers[name], left @ right)
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "svd": self.svd}
+        weights = {name: layer.get_base_layer().weight for name, layer in self.layers.items()}
+        origin = {name: whole(shard.to(weights[name].device), weights[name]) for name, shard in self.origin.items()}
+        return {**super().state_dict(), "svd": self.svd, "update": self.update, "origin": origin}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)
-        self.svd = state["svd"]
-        if self.svd:
-            self.global_factors = {
-                name: (*(t.clone() for t in lora_factors(layer)), 1.0) for name, layer in self.layers.items()
-            }
+        self.svd, self.update = state["svd"], state["update"]
+        for name, layer in self.layers.items():
+            self.origin[name] = own_part(layer.get_base_layer().weight, state["origin"][name]).to("cpu", copy=True)
 
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)
@@ -57,12 +83,17 @@ class FlexLoRA(StackedLoraStrategy):
             factors[name] = (a, b)
         return {**message, **self.factor_message(factors)}
 
+    def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
+        self._set_base(with_update=False)  # the client's adapter carries its share of dW
+        super().load_client(model, message, client_id)
+
+    def restore_global(self, model: nn.Module) -> None:
+        super().restore_global(model)
+        self._set_base(with_update=True)
+
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
-        max_rank = max(config.r for config in self.client_configs.values())
         for name in self.layers:
-            left, right = self.stacked(name)
-            self.svd[name] = truncated_svd_of_product(left, right, max_rank)
-            # The live model holds the exact global model: an adapter of rank R with scaling 1.
-            self.global_factors[name] = (right, left, 1.0)
-        self.load_global_factors()
+            self.update[name] = self.stacked(name)
+            self.svd[name] = truncated_svd_of_product(*self.update[name], self.rank)
+        self.restore_global(model)

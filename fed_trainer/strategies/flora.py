@@ -19,7 +19,7 @@ class FLoRA(StackedLoraStrategy):
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
         self.stacks: TensorDict = {}
-        self.load_global_factors()  # none: the global model carries no adapter between rounds
+        self.clear_adapters()
         return model
 
     def state_dict(self) -> dict:
@@ -41,4 +41,4 @@ class FLoRA(StackedLoraStrategy):
             left, right = self.stacked(name)
             fold_into_base(layer, left @ right)
             self.stacks.update({f"{name}.stack_left": left, f"{name}.stack_right": right})
-        self.load_global_factors()
+        self.clear_adapters()

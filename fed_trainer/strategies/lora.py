@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import transpose
@@ -21,7 +22,7 @@ from torch import nn
 
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_gather_tensors
-from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.base import TensorDict, tensor_bytes
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
 from fed_trainer.zero import add_whole, assign_whole, local_shard, whole
 
@@ -65,19 +66,17 @@ def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
 
 
 def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-    """Load factor matrices (A: r x fan_in, B: out x r) and a scaling into `layer`, resizing its adapter if r
-    changes."""
+    """Load factor matrices (A: r x fan_in, B: out x r) and a scaling into `layer`'s adapter. A rank r below the
+    adapter's is zero-padded: directions zero in both A and B get zero gradients, so they stay zero in training and
+    the client trains a rank-r adapter in the fixed-size one (whose parameters a DeepSpeed engine holds)."""
     live_a, live_b = lora_parameters(layer)
-    r = a.shape[0]
     shape_a, shape_b = (getattr(p, "ds_shape", p.shape) for p in (live_a, live_b))  # ZeRO-3: the whole shape
-    if shape_a[0] != r:
-        live_a = nn.Parameter(live_a.new_zeros(r, *live_a.shape[1:]), requires_grad=live_a.requires_grad)
-        live_b = nn.Parameter(
-            live_b.new_zeros(live_b.shape[0], r, *live_b.shape[2:]), requires_grad=live_b.requires_grad
-        )
-        layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight = live_a, live_b
-        layer.r[ADAPTER] = r
-        shape_a, shape_b = live_a.shape, live_b.shape
+    r, rank = a.shape[0], shape_a[0]
+    if r > rank:
+        raise ValueError(f"factors of rank {r} do not fit an adapter of rank {rank}")
+    if r < rank:
+        a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
     layer.scaling[ADAPTER] = scaling
     assign_whole(live_a, a.reshape(shape_a))
     assign_whole(live_b, b.reshape(shape_b))
@@ -113,11 +112,14 @@ class LoraStrategy(FedAvg):
         self.round_number = 0
         self.args = args
         first = next(iter(self.client_configs.values()))
+        # One adapter of the largest client rank serves every client (smaller ranks are zero-padded), so the live
+        # parameters never change shape
+        self.rank = max(config.r for config in self.client_configs.values())
         wrapped = not isinstance(model, PeftModel)
         if wrapped:
             names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
             try:
-                model = get_peft_model(model, first)
+                model = get_peft_model(model, dataclasses.replace(first, r=self.rank))
             except ValueError as err:
                 if "target" not in str(err):
                     raise
@@ -138,9 +140,14 @@ class LoraStrategy(FedAvg):
     def _check_layers(self, first: LoraConfig) -> None:
         if not self.layers:
             raise ValueError(f"target_modules={first.target_modules} matched no layer of the model.")
-        rank = max(config.r for config in self.client_configs.values())
+        rank = self.rank
         for name, layer in self.layers.items():
             a, b = lora_factors(layer)
+            if a.shape[0] != rank:
+                raise ValueError(
+                    f"the PeftModel's adapter has rank {a.shape[0]} in layer {name}, but the largest client rank is "
+                    f"{rank}: pass the base model (FederatedTrainer wraps it), or build the PeftModel with r={rank}."
+                )
             if rank > min(b.shape[0], a.shape[1]):
                 raise ValueError(
                     f"LoRA rank {rank} is larger than layer {name} allows: its update is {b.shape[0]} x "
@@ -190,11 +197,8 @@ class LoraStrategy(FedAvg):
         return {"scalings": {name: layer.scaling[ADAPTER] for name, layer in self.layers.items()}}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
-        # The live adapters may have another rank and scaling than a fresh model's (FlexLoRA keeps rank sum r_k
-        # with scaling 1): shape them as in the checkpoint before loading its weights.
         for name, layer in self.layers.items():
-            a, b = (model_state[key] for key in factor_names(name))
-            set_lora_factors(layer, a.flatten(1), b.flatten(1), state["scalings"][name])
+            layer.scaling[ADAPTER] = state["scalings"][name]
         super().load_state_dict(model, state, model_state)
 
     def merged_model(self, model: nn.Module) -> nn.Module:
@@ -210,25 +214,25 @@ class StackedLoraStrategy(LoraStrategy):
     heterogeneous_ranks: ClassVar[bool] = True
     robust_rules: ClassVar[bool] = False
 
-    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
-        # The global adapter (A, B, scaling) by layer, where the global model has one; else it carries none (B = 0).
-        self.global_factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        return super().setup(model, args, peft_configs)
-
     def restore_global(self, model: nn.Module) -> None:
         super().restore_global(model)
-        self.load_global_factors()
+        self.clear_adapters()
 
-    def load_global_factors(self) -> None:
-        """Put the global adapter into the live layers; a layer without one gets B = 0 (no adapter)."""
-        for name, layer in self.layers.items():
-            if name in self.global_factors:
-                set_lora_factors(layer, *self.global_factors[name])
-            else:
-                lora_parameters(layer)[1].data.zero_()
+    def clear_adapters(self) -> None:
+        """A = B = 0 in every live adapter: between rounds the global model is in the base weights, with no adapter
+        (every client is given its own factors)."""
+        for layer in self.layers.values():
+            for param in lora_parameters(layer):
+                local_shard(param).data.zero_()
 
     def averaged_state(self, model: nn.Module) -> TensorDict:
         return {name: t for name, t in trainable_state(model).items() if not is_lora_factor(name)}
+
+    def traffic_bytes(self, tensors: TensorDict) -> int:
+        if not self.sharded or dist.get_rank() == 0:
+            return tensor_bytes(tensors)
+        # under ZeRO-3 only the averaged tensors are this rank's shards; factors and stacks are whole on every rank
+        return tensor_bytes({k: t for k, t in tensors.items() if k in self.global_state})
 
     @staticmethod
     def factor_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> TensorDict:
@@ -255,7 +259,11 @@ class StackedLoraStrategy(LoraStrategy):
             set_lora_factors(layer, a, b, scaling)
 
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
-        factors = {name: lora_factors(layer) for name, layer in self.layers.items()}
+        r = self.client_configs[client_id].r  # the client's own directions, not the adapter's zero padding
+        factors = {}
+        for name, layer in self.layers.items():
+            a, b = lora_factors(layer)
+            factors[name] = (a[:r], b[:, :r])
         return {**super().client_payload(model, client_id), **self.factor_message(factors)}
 
     def begin_round(self, round_number: int) -> None:
