@@ -442,9 +442,16 @@ class FederatedTrainer(Trainer):
             return
         super().log(logs, start_time)
 
-    def merged_model(self) -> nn.Module:
-        """The global model as a plain transformers model (adapters and residuals folded in)."""
-        return self.strategy.merged_model(self.accelerator.unwrap_model(self.model))
+    def merged_model(self) -> nn.Module | None:
+        """The global model as a plain transformers model (adapters and residuals folded in).
+
+        Under DeepSpeed ZeRO-3 every process must call it (the weights are gathered); the main process gets a whole
+        copy on the CPU, the others None."""
+        live = self.accelerator.unwrap_model(self.model)
+        if not self.strategy.sharded:
+            return self.strategy.merged_model(live)
+        state_dict = self._global_state_dict()
+        return self.strategy.merged_model(whole_copy(live, state_dict)) if self.is_world_process_zero() else None
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
         if self.deepspeed is not None:  # evaluate with the clients' engine rather than build a second one

@@ -74,7 +74,9 @@ def main() -> None:
     out = Path(a.output_dir)
     trainer.save_model(str(out / "model"))  # under ZeRO-3 a collective: the weights are gathered from the ranks
     torch.save(trainer.model.state_dict(), out / f"final-rank{trainer.args.process_index}.pt")
+    merged = trainer.merged_model()  # under ZeRO-3 a collective too; None on the other ranks
     if trainer.is_world_process_zero():
+        torch.save(merged.state_dict(), out / "merged.pt")
         torch.save(trainer.model.state_dict(), out / "final.pt")
         (out / "rounds.json").write_text(json.dumps([e for e in trainer.state.log_history if "round" in e]))
     end_process_group()

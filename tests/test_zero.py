@@ -75,6 +75,10 @@ def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_proce
     for saved in (two / "model", two / "round-2"):
         assert_same_saved_model(saved, expected / "model")
         assert isinstance(BertForSequenceClassification.from_pretrained(saved), BertForSequenceClassification)
+    merged, reference = (torch.load(d / "merged.pt") for d in (two, expected))  # trainer.merged_model()
+    assert merged.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-5, msg=name)
     one, zero = (json.loads((d / "rounds.json").read_text()) for d in (expected, two))
     for a, b in zip(one, zero, strict=True):  # bytes of whole tensors, not of one rank's shards; loss of both halves
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
