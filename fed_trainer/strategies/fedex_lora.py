@@ -56,6 +56,13 @@ class FedExLoRA(LoraStrategy):
             message.update(base)
         return message
 
+    def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
+        super().load_client(model, message, client_id)
+        for name, layer in self.layers.items():  # a client on its own machine takes the folded base from the message
+            base = message.get(f"{name}.base")  # (in the simulation, the live base itself: nothing changes)
+            if base is not None:
+                local_shard(layer.get_base_layer().weight).data.copy_(base)
+
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
         for name, layer in self.layers.items():

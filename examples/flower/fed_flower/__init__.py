@@ -1,0 +1,1 @@
+"""fed_trainer on Flower's Deployment Engine."""

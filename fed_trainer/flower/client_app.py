@@ -1,0 +1,63 @@
+"""The SuperNode side: one client's local training for one round, with the code the simulation runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from datasets import Dataset
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, tensor_record
+
+# load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
+DataLoader = Callable[[Context], tuple[object, Dataset]]
+
+
+def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, content: RecordDict, context: Context):
+    """Train this SuperNode's client for one round from the server's message; the reply's records.
+
+    The node builds the run's `FederatedTrainer` (its own dataset, the others stood for by `RemoteClient`), lets
+    the strategy load the server's tensors into the model, trains with the seed and schedule position the server
+    chose, and sends the strategy's payload: what a client trained in the simulation would send.
+    """
+    config = content["config"]
+    client_id, dataset = load_client_data(context)
+    if client_id != config["client-id"]:
+        raise ValueError(
+            f"the server sent client {config['client-id']!r}'s round to this SuperNode, which holds client "
+            f"{client_id!r}: give every SuperNode its own partition-id."
+        )
+    sizes = dict(zip(config["client-ids"], config["client-sizes"], strict=True))
+    if len(dataset) != sizes[client_id]:
+        raise ValueError(f"client {client_id!r} now has {len(dataset)} examples, not the {sizes[client_id]} it had.")
+    clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in sizes.items()}
+    trainer = build_trainer(context, clients)
+    strategy = trainer.strategy
+    strategy.begin_round(config["round"])  # fresh LoRA factors are seeded by round
+    strategy.load_client(trainer.model, content["arrays"].to_torch_state_dict(), client_id)
+    output = trainer.client_runner.train(
+        dataset, client_id, seed=config["seed"], offset=config["offset"], schedule_steps=config["schedule-steps"]
+    )
+    payload = strategy.client_payload(trainer.model, client_id)
+    metrics = MetricRecord({"train-loss": float(output.training_loss), "num-examples": len(dataset)})
+    return RecordDict({"arrays": tensor_record(payload), "metrics": metrics})
+
+
+def client_app(build_trainer: TrainerBuilder, load_client_data: DataLoader) -> ClientApp:
+    """A Flower `ClientApp` that answers the server's roster query (this node's client id and size) and trains
+    its client when the server asks (`train_reply`)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        client_id, dataset = load_client_data(context)
+        client = ConfigRecord({"client-id": client_id, "num-examples": len(dataset)})
+        return Message(content=RecordDict({"client": client}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        content = train_reply(build_trainer, load_client_data, message.content, context)
+        return Message(content=content, reply_to=message)
+
+    return app

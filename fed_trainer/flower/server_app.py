@@ -1,0 +1,123 @@
+"""The ServerApp side: the run's rounds, with every client trained on its own SuperNode.
+
+The server builds the same `FederatedTrainer` as a simulation (the clients' datasets stood for by their sizes) and
+runs `train()`: the same sampling, strategy (message, aggregation, new global model), evaluation, logging, round
+checkpoints and merged-model saving. Only the clients' local training happens elsewhere (`GridClients`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from transformers.utils import logging
+
+from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, roster, tensor_record
+from fed_trainer.trainer import FederatedTrainer
+
+logger = logging.get_logger(__name__)
+
+# Strategies whose clients must keep state between rounds, which a SuperNode's fresh ClientApp process lacks.
+STATEFUL_CLIENTS = {"flora": "its clients fold every earlier round's stacks into their own base weights"}
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float) -> dict:
+    """Wait (at most `timeout` seconds) for `expected` SuperNodes and ask each for its client id and size;
+    {client id: (node id, number of examples)} in client-id order."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(nodes)} of the {expected} SuperNodes the run needs connected within {timeout:.0f} s: "
+                "start the missing ones (flower-supernode), or lower num-clients in the run config."
+            )
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    clients: dict = {}
+    for reply in grid.send_and_receive(queries, timeout=max(deadline - time.monotonic(), 1.0)):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise RuntimeError(f"SuperNode {node} could not name its client: {reply.error.reason}")
+        client = reply.content["client"]
+        client_id = client["client-id"]
+        if client_id in clients:
+            raise ValueError(
+                f"SuperNodes {clients[client_id][0]} and {node} both hold client {client_id!r}: give every "
+                "SuperNode its own partition-id in --node-config."
+            )
+        clients[client_id] = (node, int(client["num-examples"]))
+    if len(clients) < expected:
+        raise TimeoutError(f"only {len(clients)} of {len(nodes)} SuperNodes answered within {timeout:.0f} s.")
+    return dict(sorted(clients.items()))
+
+
+class GridClients:
+    """`FederatedTrainer.remote_clients` under a ServerApp: each round's clients train on their SuperNodes at once.
+
+    A client whose SuperNode fails or does not answer within `timeout` seconds is dropped from the round, as a
+    client that raises is in the simulation (`min_clients_per_round` then decides whether the round stands).
+    """
+
+    def __init__(self, grid: Grid, nodes: dict, timeout: float) -> None:
+        self.grid, self.nodes, self.timeout = grid, nodes, timeout
+
+    def train(self, trainer: FederatedTrainer, round_number: int, client_ids: list, steps_per_round: int):
+        """Send every client its message and plan, aggregate the replies in client order; (losses, failed ids)."""
+        aggregation, everyone = trainer.aggregation, roster(trainer)
+        messages = []
+        for position, client_id in enumerate(client_ids):
+            plan = trainer.client_plan(round_number, position, steps_per_round)
+            config = ConfigRecord(
+                {"round": round_number, "client-id": client_id, "seed": plan["seed"], "offset": plan["offset"],
+                 "schedule-steps": plan["schedule_steps"], **everyone}
+            )  # fmt: skip
+            content = RecordDict({"arrays": tensor_record(aggregation.outgoing(client_id)), "config": config})
+            node = self.nodes[client_id]
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        losses, failed = {}, []
+        for client_id in client_ids:
+            reply = replies.get(self.nodes[client_id])
+            if reply is None or reply.has_error():
+                why = f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason
+                why = f"client {client_id!r} failed and is dropped from the round: {why}"
+                logger.warning(f"Round {round_number}: {why}")
+                failed.append(client_id)
+                continue
+            losses[client_id] = float(reply.content["metrics"]["train-loss"])
+            aggregation.incoming(client_id, reply.content["arrays"].to_torch_state_dict())
+        return losses, failed
+
+
+def server_app(build_trainer: TrainerBuilder) -> ServerApp:
+    """A Flower `ServerApp` that runs a federated training over the SuperNodes of the run and saves the merged
+    global model, its metrics and state in the trainer's `output_dir` (as `examples/fed_glue.py` does).
+
+    Run config keys it reads: `num-clients` (how many SuperNodes to wait for) and `round-timeout` (seconds a
+    round, and the wait for SuperNodes, may take; 600 by default).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        timeout = float(context.run_config.get("round-timeout", 600))
+        clients = discover_clients(grid, int(context.run_config["num-clients"]), timeout)
+        trainer = build_trainer(context, {cid: RemoteClient(n) for cid, (_, n) in clients.items()})
+        if trainer.strategy.name in STATEFUL_CLIENTS:
+            raise ValueError(
+                f"strategy {trainer.strategy.name!r} cannot run on Flower yet: "
+                f"{STATEFUL_CLIENTS[trainer.strategy.name]}, and a SuperNode starts every round afresh. Use "
+                "'flexlora' for mixed ranks."
+            )
+        trainer.remote_clients = GridClients(grid, {cid: node for cid, (node, _) in clients.items()}, timeout)
+        result = trainer.train()
+        trainer.save_model()
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if trainer.eval_dataset is not None:
+            trainer.save_metrics("eval", trainer.evaluate())
+
+    return app

@@ -1,0 +1,200 @@
+"""Flower's Deployment Engine on loopback: a real `flower-superlink` and two `flower-supernode` processes run
+examples/flower with `flwr run`, and the global model they end with is the one the in-process simulation of the
+same run ends with."""
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from safetensors.torch import load_file
+
+REPO = Path(__file__).parent.parent
+APP = REPO / "examples" / "flower"
+BIN = Path(sys.executable).parent
+# MiniLM on 64 BBC articles, 2 clients, 2 rounds of 2 steps: each round costs a fresh ClientApp process per node.
+TINY = "--num_rounds 2 --local_steps 2 --max_train_samples 64 --max_eval_samples 32 --max_seq_length 32"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def signed(subject: str, public_key, issuer: str, issuer_key, extension, critical: bool):
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = x509.CertificateBuilder().subject_name(name).public_key(public_key).serial_number(1)
+        builder = builder.issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        builder = builder.not_valid_before(now - datetime.timedelta(minutes=5))
+        builder = builder.not_valid_after(now + datetime.timedelta(days=1)).add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = signed("test CA", ca_key.public_key(), "test CA", ca_key, x509.BasicConstraints(True, None), True)
+    names = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    cert = signed("127.0.0.1", key.public_key(), "test CA", ca_key, names, False)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    no_password = serialization.NoEncryption()
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, no_password))
+    return paths
+
+
+class Deployment:
+    """A SuperLink and two SuperNodes (partition-id 0 and 1) on 127.0.0.1, with or without TLS."""
+
+    def __init__(self, root: Path, tls: bool):
+        self.root, self.port = root, free_port()
+        self.env = dict(
+            os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(root / "flwr"),
+            OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+        )  # fmt: skip
+        (root / "flwr").mkdir(parents=True)
+        link, node, connection = ["--insecure"], ["--insecure"], "insecure = true"
+        if tls:
+            ca, cert, key = certificates(root)
+            link = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(ca)]
+            node, connection = ["--root-certificates", str(ca)], f'root-certificates = "{ca}"'
+        (root / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
+            f"{connection}\n"
+        )
+        self.processes = [self.start("superlink", [
+            "flower-superlink", *link, "--disable-runtime-dependency-installation", "--port", str(self.port)
+        ])]  # fmt: skip
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", self.port)) != 0:
+            assert time.monotonic() < deadline, (root / "superlink.log").read_text()[-3000:]
+            time.sleep(0.5)
+        self.node_flags = node
+        self.nodes = [self.start_node(k) for k in range(2)]
+
+    def start_node(self, k: int) -> subprocess.Popen:
+        node = self.start(f"supernode{k}", [
+            "flower-supernode", *self.node_flags, "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+            "--node-config", f"partition-id={k}",
+        ])  # fmt: skip
+        self.processes.append(node)
+        return node
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                start_new_session=True)  # fmt: skip
+
+    def command(self, fed_args: str, output_dir: Path) -> list[str]:
+        config = f"fed-args='{fed_args} --output_dir {output_dir}' round-timeout=300"
+        return ["flwr", "run", str(APP), "loopback", "--stream", "--run-config", config]
+
+    def run(self, fed_args: str, output_dir: Path) -> Path:
+        """`flwr run` the example app with `fed_args`; its output folder once the run has finished."""
+        done = subprocess.run(
+            self.command(fed_args, output_dir), capture_output=True, text=True, env=self.env, cwd=self.root,
+            timeout=400,
+        )  # fmt: skip
+        logs = done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0 and (output_dir / "model.safetensors").exists(), logs
+        return output_dir
+
+    def run_killing_node(self, k: int, fed_args: str, output_dir: Path) -> str:
+        """`flwr run`, and SIGKILL SuperNode `k` (with its ClientApp) as soon as round 1 is logged, so in round 2;
+        the run's streamed output once it has ended."""
+        run = subprocess.Popen(self.command(fed_args, output_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=self.env, cwd=self.root)  # fmt: skip
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if "'round': 1," in line:
+                os.killpg(self.nodes[k].pid, signal.SIGKILL)
+                break
+        rest, _ = run.communicate(timeout=400)  # the SuperLink reports the node gone after missed heartbeats
+        return "".join(lines) + rest
+
+    def stop(self) -> None:
+        for process in self.processes:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory):
+    started = {}
+
+    def get(tls: bool) -> Deployment:
+        if tls not in started:
+            started[tls] = Deployment(tmp_path_factory.mktemp("tls" if tls else "insecure"), tls)
+        return started[tls]
+
+    yield get
+    for deployment in started.values():
+        deployment.stop()
+
+
+def simulated(fed_args: str, output_dir: Path) -> Path:
+    """The same run in this process (FederatedTrainer over the partitions of the bundled corpus)."""
+    sys.path.insert(0, str(APP))
+    try:
+        from fed_flower.task import build_trainer
+    finally:
+        sys.path.remove(str(APP))
+    trainer = build_trainer({"fed-args": f"{fed_args} --output_dir {output_dir}"})
+    trainer.train()
+    trainer.save_model()
+    (output_dir / "rounds.json").write_text(json.dumps([e for e in trainer.state.log_history if "round" in e]))
+    return output_dir
+
+
+@pytest.mark.parametrize(
+    "tls, fed_args",
+    [(False, "--strategy fedavg"), (True, "--strategy flexlora --lora_ranks 2 4 --learning_rate 5e-3")],
+    ids=["fedavg", "flexlora-tls"],
+)
+def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_path, deployments, tls, fed_args):
+    fed_args = f"{TINY} {fed_args}"
+    deployed = deployments(tls).run(fed_args, tmp_path / "deployed")
+    expected = simulated(fed_args, tmp_path / "simulated")
+    weights, reference = (load_file(d / "model.safetensors") for d in (deployed, expected))
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    state = json.loads((deployed / "trainer_state.json").read_text())
+    rounds = [e for e in state["log_history"] if "round" in e]
+    for got, want in zip(rounds, json.loads((expected / "rounds.json").read_text()), strict=True):
+        assert (got["num_clients"], got["bytes_up"], got["bytes_down"]) == (2, want["bytes_up"], want["bytes_down"])
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
+
+
+def test_a_supernode_killed_mid_round_is_dropped_or_stops_the_run_with_a_clear_error(tmp_path):
+    deployment = Deployment(tmp_path / "deployment", tls=False)
+    try:
+        # min_clients_per_round=1: round 2 ends with client 0 alone, and the run completes
+        logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 1", tmp_path / "kept")
+        state = json.loads((tmp_path / "kept" / "trainer_state.json").read_text())
+        second = [e for e in state["log_history"] if e.get("round") == 2]
+        assert second and second[0]["num_clients"] == 1 and second[0]["num_clients_dropped"] == 1, logs[-3000:]
+        # min_clients_per_round=2: the run stops after checkpointing round 1, with an error that says why
+        deployment.nodes[1] = deployment.start_node(1)
+        logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 2", tmp_path / "stopped")
+        assert "only 1 of 2 clients gave a usable update" in logs, logs[-3000:]
+        stopped = tmp_path / "stopped"
+        assert (stopped / "round-1").is_dir() and not (stopped / "model.safetensors").exists()
+    finally:
+        deployment.stop()
