@@ -58,10 +58,23 @@ def certificates(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-class Deployment:
-    """A SuperLink and two SuperNodes (partition-id 0 and 1) on 127.0.0.1, with or without TLS."""
+def node_key(directory: Path, name: str) -> tuple[Path, Path]:
+    """An EC key pair in OpenSSH format, as `ssh-keygen -t ecdsa` writes it: (private key, public key)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = directory / name, directory / f"{name}.pub"
+    openssh, no_password = serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, openssh, no_password))
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
 
-    def __init__(self, root: Path, tls: bool):
+
+class Deployment:
+    """A SuperLink and two SuperNodes (partition-id 0 and 1) on 127.0.0.1; `secure`: over TLS, and only SuperNodes
+    whose public key is registered with the SuperLink may join."""
+
+    def __init__(self, root: Path, secure: bool):
         self.root, self.port = root, free_port()
         self.env = dict(
             os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(root / "flwr"),
@@ -69,9 +82,10 @@ class Deployment:
         )  # fmt: skip
         (root / "flwr").mkdir(parents=True)
         link, node, connection = ["--insecure"], ["--insecure"], "insecure = true"
-        if tls:
+        if secure:
             ca, cert, key = certificates(root)
             link = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(ca)]
+            link.append("--enable-supernode-auth")
             node, connection = ["--root-certificates", str(ca)], f'root-certificates = "{ca}"'
         (root / "flwr" / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
@@ -84,12 +98,20 @@ class Deployment:
         while socket.socket().connect_ex(("127.0.0.1", self.port)) != 0:
             assert time.monotonic() < deadline, (root / "superlink.log").read_text()[-3000:]
             time.sleep(0.5)
-        self.node_flags = node
+        self.node_flags, self.secure = node, secure
         self.nodes = [self.start_node(k) for k in range(2)]
 
-    def start_node(self, k: int) -> subprocess.Popen:
+    def start_node(self, k: int, register: bool = True) -> subprocess.Popen:
+        flags = list(self.node_flags)
+        if self.secure:
+            private, public = node_key(self.root, f"node{k}")
+            if register:
+                done = subprocess.run(["flwr", "supernode", "register", str(public), "loopback"], capture_output=True,
+                                      text=True, env=self.env, cwd=self.root, timeout=60)  # fmt: skip
+                assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            flags += ["--auth-supernode-private-key", str(private)]
         node = self.start(f"supernode{k}", [
-            "flower-supernode", *self.node_flags, "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+            "flower-supernode", *flags, "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
             "--node-config", f"partition-id={k}",
         ])  # fmt: skip
         self.processes.append(node)
@@ -130,7 +152,10 @@ class Deployment:
 
     def stop(self) -> None:
         for process in self.processes:
-            os.killpg(process.pid, signal.SIGKILL)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended already (a refused SuperNode exits by itself)
+                pass
             process.wait()
 
 
@@ -138,10 +163,10 @@ class Deployment:
 def deployments(tmp_path_factory):
     started = {}
 
-    def get(tls: bool) -> Deployment:
-        if tls not in started:
-            started[tls] = Deployment(tmp_path_factory.mktemp("tls" if tls else "insecure"), tls)
-        return started[tls]
+    def get(secure: bool) -> Deployment:
+        if secure not in started:
+            started[secure] = Deployment(tmp_path_factory.mktemp("secure" if secure else "insecure"), secure)
+        return started[secure]
 
     yield get
     for deployment in started.values():
@@ -162,19 +187,23 @@ def simulated(fed_args: str, output_dir: Path) -> Path:
     return output_dir
 
 
-@pytest.mark.parametrize(
-    "tls, fed_args",
-    [(False, "--strategy fedavg"), (True, "--strategy flexlora --lora_ranks 2 4 --learning_rate 5e-3")],
-    ids=["fedavg", "flexlora-tls"],
-)
-def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_path, deployments, tls, fed_args):
-    fed_args = f"{TINY} {fed_args}"
-    deployed = deployments(tls).run(fed_args, tmp_path / "deployed")
-    expected = simulated(fed_args, tmp_path / "simulated")
-    weights, reference = (load_file(d / "model.safetensors") for d in (deployed, expected))
+def assert_same_model(saved: Path, expected: Path) -> None:
+    weights, reference = (load_file(d / "model.safetensors") for d in (saved, expected))
     assert weights.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "secure, fed_args",
+    [(False, "--strategy fedavg"), (True, "--strategy flexlora --lora_ranks 2 4 --learning_rate 5e-3")],
+    ids=["fedavg", "flexlora-tls-auth"],
+)
+def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_path, deployments, secure, fed_args):
+    fed_args = f"{TINY} {fed_args}"
+    deployed = deployments(secure).run(fed_args, tmp_path / "deployed")
+    expected = simulated(fed_args, tmp_path / "simulated")
+    assert_same_model(deployed, expected)
     state = json.loads((deployed / "trainer_state.json").read_text())
     rounds = [e for e in state["log_history"] if "round" in e]
     for got, want in zip(rounds, json.loads((expected / "rounds.json").read_text()), strict=True):
@@ -182,8 +211,19 @@ def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_
         assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
 
 
+def test_a_supernode_whose_key_is_not_registered_is_refused(deployments):
+    deployment = deployments(True)
+    intruder = deployment.start_node(2, register=False)
+    try:
+        code = intruder.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        code = None
+    log = (deployment.root / "supernode2.log").read_text()
+    assert code not in (None, 0) and "Failed to activate SuperNode" in log, log[-3000:]
+
+
 def test_a_supernode_killed_mid_round_is_dropped_or_stops_the_run_with_a_clear_error(tmp_path):
-    deployment = Deployment(tmp_path / "deployment", tls=False)
+    deployment = Deployment(tmp_path / "deployment", secure=False)
     try:
         # min_clients_per_round=1: round 2 ends with client 0 alone, and the run completes
         logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 1", tmp_path / "kept")
@@ -196,5 +236,10 @@ def test_a_supernode_killed_mid_round_is_dropped_or_stops_the_run_with_a_clear_e
         assert "only 1 of 2 clients gave a usable update" in logs, logs[-3000:]
         stopped = tmp_path / "stopped"
         assert (stopped / "round-1").is_dir() and not (stopped / "model.safetensors").exists()
+        # the node back, the run resumed from its checkpoint: the model of the uninterrupted simulation
+        deployment.nodes[1] = deployment.start_node(1)
+        resume = f"{TINY} --min_clients_per_round 2 --resume_from_checkpoint {stopped / 'round-1'}"
+        deployment.run(resume, stopped)
+        assert_same_model(stopped, simulated(TINY, tmp_path / "simulated"))
     finally:
         deployment.stop()

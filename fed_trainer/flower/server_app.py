@@ -97,7 +97,8 @@ def server_app(build_trainer: TrainerBuilder) -> ServerApp:
     global model, its metrics and state in the trainer's `output_dir` (as `examples/fed_glue.py` does).
 
     Run config keys it reads: `num-clients` (how many SuperNodes to wait for) and `round-timeout` (seconds a
-    round, and the wait for SuperNodes, may take; 600 by default).
+    round, and the wait for SuperNodes, may take; 600 by default). The trainer's `resume_from_checkpoint` (a round
+    checkpoint folder) continues an interrupted run.
     """
     app = ServerApp()
 
@@ -113,7 +114,7 @@ def server_app(build_trainer: TrainerBuilder) -> ServerApp:
                 "'flexlora' for mixed ranks."
             )
         trainer.remote_clients = GridClients(grid, {cid: node for cid, (node, _) in clients.items()}, timeout)
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
         trainer.save_model()
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
