@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=model_args.peft_config(training_args.strategy, task_type="SEQ_CLS"),
         client_peft_configs=model_args.lora_ranks,
     )
-    return train_save_evaluate(trainer, len(eval_dataset))
+    return train_save_evaluate(trainer)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=model_args.peft_config(training_args.strategy, task_type="CAUSAL_LM"),
         client_peft_configs=model_args.lora_ranks,
     )
-    return train_save_evaluate(trainer, len(validation), lambda m: {"perplexity": math.exp(min(m["eval_loss"], 50.0))})
+    return train_save_evaluate(trainer, lambda m: {"perplexity": math.exp(min(m["eval_loss"], 50.0))})
 
 
 if __name__ == "__main__":

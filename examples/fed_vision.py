@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=lora_args.peft_config(training_args.strategy),
         client_peft_configs=lora_args.lora_ranks,
     )
-    return train_save_evaluate(trainer, len(data["validation"]))
+    return train_save_evaluate(trainer)
 
 
 if __name__ == "__main__":

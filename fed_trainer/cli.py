@@ -66,16 +66,19 @@ def parse_args_with_recipe(dataclass_types: tuple, argv: list[str], defaults: di
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def train_save_evaluate(trainer, eval_samples: int, extra_metrics: Callable[[dict], dict] | None = None) -> dict:
-    """Train, save the global model, the train metrics and the trainer state, evaluate and save the eval metrics
-    (`eval_samples` and whatever `extra_metrics(metrics)` adds); returns the eval metrics."""
-    train_result = trainer.train()
+def train_save_evaluate(trainer, extra_metrics: Callable[[dict], dict] | None = None) -> dict:
+    """Train (continuing from `args.resume_from_checkpoint` when set), save the global model, the train metrics and
+    the trainer state; then, if the trainer has an `eval_dataset`, evaluate and save the eval metrics (with
+    `eval_samples` and whatever `extra_metrics(metrics)` adds). Returns the eval metrics ({} without evaluation)."""
+    train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
+    if trainer.eval_dataset is None:
+        return {}
     metrics = trainer.evaluate()
-    metrics["eval_samples"] = eval_samples
+    metrics["eval_samples"] = len(trainer.eval_dataset)
     if extra_metrics is not None:
         metrics.update(extra_metrics(metrics))
     trainer.log_metrics("eval", metrics)

@@ -461,11 +461,16 @@ class FederatedTrainer(Trainer):
 
         Under DeepSpeed ZeRO-3 every process must call it (the weights are gathered); the main process gets a whole
         copy on the CPU, the others None."""
-        live = self.accelerator.unwrap_model(self.model)
         if not self.strategy.sharded:
-            return self.strategy.merged_model(live)
+            return self._merged(None)
         state_dict = self._global_state_dict()
-        return self.strategy.merged_model(whole_copy(live, state_dict)) if self.is_world_process_zero() else None
+        return self._merged(state_dict) if self.is_world_process_zero() else None
+
+    def _merged(self, state_dict: dict | None) -> nn.Module:
+        """The strategy's merged model of the live one; under ZeRO-3, whose live model holds partitions, of a whole
+        copy built from the gathered `state_dict`."""
+        live = self.accelerator.unwrap_model(self.model)
+        return self.strategy.merged_model(whole_copy(live, state_dict) if self.strategy.sharded else live)
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
         if self.deepspeed is not None:  # evaluate with the clients' engine rather than build a second one
@@ -484,10 +489,8 @@ class FederatedTrainer(Trainer):
         if not self.args.should_save:  # only the writer builds the merged model
             return super()._save(output_dir, state_dict)
         model = self.model
-        live = self.accelerator.unwrap_model(model)
-        # under ZeRO-3 the live model holds partitions: merge a whole copy of it, built from the gathered weights
-        self.model = self.strategy.merged_model(whole_copy(live, state_dict) if self.strategy.sharded else live)
-        if self.model is not live:
+        self.model = self._merged(state_dict)
+        if self.model is not self.accelerator.unwrap_model(model):
             state_dict = None  # a state dict passed in is the live model's; the merged model holds its own
         try:
             super()._save(output_dir, state_dict)

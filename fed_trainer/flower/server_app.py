@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from transformers.utils import logging
 
+from fed_trainer.cli import train_save_evaluate
 from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, roster, tensor_record
 from fed_trainer.trainer import FederatedTrainer
 
@@ -114,11 +115,6 @@ def server_app(build_trainer: TrainerBuilder) -> ServerApp:
                 "'flexlora' for mixed ranks."
             )
         trainer.remote_clients = GridClients(grid, {cid: node for cid, (node, _) in clients.items()}, timeout)
-        result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        if trainer.eval_dataset is not None:
-            trainer.save_metrics("eval", trainer.evaluate())
+        train_save_evaluate(trainer)
 
     return app
