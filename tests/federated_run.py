@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--client_sizes", type=int, nargs="+", default=[8, 16, 24])
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--update_clip_norm", type=float)
+    p.add_argument("--clients_per_round", type=int)
     p.add_argument("--ranks", help="the clients' LoRA ranks, e.g. 2,4,8 (default: peft_config's rank for all)")
     a = p.parse_args()
     lora = a.strategy != "fedavg"
@@ -63,7 +64,7 @@ def main() -> None:
             Path(a.output_dir), output_dir=a.output_dir, strategy=a.strategy, num_rounds=a.rounds, save_every_rounds=1,
             save_total_limit=2, learning_rate=2e-2 if lora else 1e-3,
             aggregation_rule=a.aggregation_rule, update_clip_norm=a.update_clip_norm, deepspeed=a.deepspeed,
-            per_device_train_batch_size=a.batch_size,
+            per_device_train_batch_size=a.batch_size, clients_per_round=a.clients_per_round,
         ),  # fmt: skip
         client_datasets=[toy_dataset(n, seed) for seed, n in enumerate(a.client_sizes, start=1)],
         peft_config=peft_config if lora else None,

@@ -137,18 +137,20 @@ class Deployment:
         return output_dir
 
     def run_killing_node(self, k: int, fed_args: str, output_dir: Path) -> str:
-        """`flwr run`, and SIGKILL SuperNode `k` (with its ClientApp) as soon as round 1 is logged, so in round 2;
-        the run's streamed output once it has ended."""
-        run = subprocess.Popen(self.command(fed_args, output_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=self.env, cwd=self.root)  # fmt: skip
-        lines = []
-        for line in run.stdout:
-            lines.append(line)
-            if "'round': 1," in line:
-                os.killpg(self.nodes[k].pid, signal.SIGKILL)
-                break
-        rest, _ = run.communicate(timeout=400)  # the SuperLink reports the node gone after missed heartbeats
-        return "".join(lines) + rest
+        """`flwr run`, and SIGKILL SuperNode `k` (with its ClientApp) as soon as it receives round 2's message (its
+        second train message, or its first in a run resumed after round 1); the run's output once it has ended."""
+        log, round_two = self.root / f"supernode{k}.log", 1 if "--resume_from_checkpoint" in fed_args else 2
+        with open(self.root / "run.log", "w+") as out:
+            run = subprocess.Popen(self.command(fed_args, output_dir), stdout=out, stderr=subprocess.STDOUT,
+                                   text=True, env=self.env, cwd=self.root)  # fmt: skip
+            deadline = time.monotonic() + 300
+            while log.read_text().count("Receiving: train message") < round_two:
+                assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            os.killpg(self.nodes[k].pid, signal.SIGKILL)
+            run.wait(timeout=400)  # the SuperLink reports the node gone after missed heartbeats
+            out.seek(0)
+            return out.read()
 
     def stop(self) -> None:
         for process in self.processes:
@@ -196,8 +198,8 @@ def assert_same_model(saved: Path, expected: Path) -> None:
 
 @pytest.mark.parametrize(
     "secure, fed_args",
-    [(False, "--strategy fedavg"), (True, "--strategy flexlora --lora_ranks 2 4 --learning_rate 5e-3")],
-    ids=["fedavg", "flexlora-tls-auth"],
+    [(False, "--strategy fedavg"), (True, "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3")],
+    ids=["fedavg", "flora-tls-auth"],
 )
 def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_path, deployments, secure, fed_args):
     fed_args = f"{TINY} {fed_args}"
@@ -222,24 +224,22 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(deployments):
     assert code not in (None, 0) and "Failed to activate SuperNode" in log, log[-3000:]
 
 
-def test_a_supernode_killed_mid_round_is_dropped_or_stops_the_run_with_a_clear_error(tmp_path):
-    deployment = Deployment(tmp_path / "deployment", secure=False)
+def test_a_supernode_killed_mid_round_stops_the_run_with_a_clear_error_or_is_dropped(tmp_path):
+    deployment, run = Deployment(tmp_path / "deployment", secure=False), tmp_path / "run"
     try:
-        # min_clients_per_round=1: round 2 ends with client 0 alone, and the run completes
-        logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 1", tmp_path / "kept")
-        state = json.loads((tmp_path / "kept" / "trainer_state.json").read_text())
-        second = [e for e in state["log_history"] if e.get("round") == 2]
-        assert second and second[0]["num_clients"] == 1 and second[0]["num_clients_dropped"] == 1, logs[-3000:]
         # min_clients_per_round=2: the run stops after checkpointing round 1, with an error that says why
-        deployment.nodes[1] = deployment.start_node(1)
-        logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 2", tmp_path / "stopped")
+        logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 2", run)
         assert "only 1 of 2 clients gave a usable update" in logs, logs[-3000:]
-        stopped = tmp_path / "stopped"
-        assert (stopped / "round-1").is_dir() and not (stopped / "model.safetensors").exists()
-        # the node back, the run resumed from its checkpoint: the model of the uninterrupted simulation
+        assert (run / "round-1").is_dir() and not (run / "model.safetensors").exists()
+        # the node back and the run resumed from its checkpoint with min_clients_per_round=1: the node killed again
+        # in round 2 is dropped, and the run completes with client 0 alone
         deployment.nodes[1] = deployment.start_node(1)
-        resume = f"{TINY} --min_clients_per_round 2 --resume_from_checkpoint {stopped / 'round-1'}"
-        deployment.run(resume, stopped)
-        assert_same_model(stopped, simulated(TINY, tmp_path / "simulated"))
+        resume = f"{TINY} --min_clients_per_round 1 --resume_from_checkpoint {run / 'round-1'}"
+        logs = deployment.run_killing_node(1, resume, run)
+        state = json.loads((run / "trainer_state.json").read_text())
+        rounds = [e for e in state["log_history"] if "round" in e]
+        assert [e["round"] for e in rounds] == [1, 2], logs[-3000:]
+        assert (rounds[0]["num_clients"], rounds[1]["num_clients"], rounds[1]["num_clients_dropped"]) == (2, 1, 1)
+        assert (run / "model.safetensors").exists()
     finally:
         deployment.stop()

@@ -170,6 +170,38 @@ def test_flora_folds_the_round_into_the_base_and_starts_lora_afresh(make_config)
                 assert not a[r:].any() and not b[:, r:].any()  # the padding gets no gradient: it stays zero
 
 
+def test_a_flora_client_on_its_own_machine_catches_up_with_the_rounds_it_missed(make_config):
+    # 4 rounds, 2 of 3 clients each: every message carries the stacks of the rounds since the client's last update,
+    # and a fresh copy of the initial model plus what the client kept ends up with the round's global base.
+    build, targets, _ = MODELS["bert"]
+    config = dict(strategy="flora", num_rounds=4, clients_per_round=2, learning_rate=2e-2)
+    trainer = FederatedTrainer(
+        model=build(), args=make_config(**config), client_datasets=CLIENTS,
+        peft_config=lora_config(targets), client_peft_configs=[2, 4, 8], callbacks=[probe := Probe()],
+    )  # fmt: skip
+    messages, outgoing = [], trainer.aggregation.outgoing
+    trainer.aggregation.outgoing = lambda cid: messages.append((cid, outgoing(cid))) or messages[-1][1]
+    trainer.train()
+    node = FederatedTrainer(
+        model=build(), args=make_config(**config), client_datasets=CLIENTS,
+        peft_config=lora_config(targets), client_peft_configs=[2, 4, 8],
+    )  # fmt: skip
+    kept, since = {}, {}
+    starts = [(record_round, cid) for record_round, record in enumerate(probe.rounds, 1) for cid in record["start"]]
+    assert len(starts) == len(messages) == 8
+    for (round_number, cid), (sent_to, message) in zip(starts, messages, strict=True):
+        assert sent_to == cid
+        rounds = sorted({int(k.split(".")[0][5:]) for k in message if k.startswith("round")})
+        assert rounds == list(range(since.get(cid, 0) + 1, round_number)), (round_number, cid)
+        since[cid] = round_number - 1
+        node.strategy.begin_round(round_number)
+        kept[cid] = node.strategy.catch_up(node.model, message, kept.get(cid, {}))
+        bases = {n: v for n, v in probe.rounds[round_number - 1]["raw_start"][cid].items() if "base_layer" in n}
+        assert bases and all(torch.equal(node.model.state_dict()[n], v) for n, v in bases.items())
+    with pytest.raises(RuntimeError, match="was its machine restarted"):  # a client's machine that lost its state
+        node.strategy.catch_up(node.model, messages[-1][1] | {"synced_round": torch.tensor(3)}, {})
+
+
 @pytest.mark.parametrize("ranks", [[2, 4, 8], [4, 4, 4]])
 def test_flexlora_serves_each_client_the_best_rank_r_approximation(make_config, ranks):
     trainer, probe = run(make_config, "flexlora", ranks=ranks, rounds=2)
@@ -230,7 +262,7 @@ def test_bytes_per_round_follow_the_methods_table(make_config):
         "fedex_lora": (3 * (layers * r * (out + inn) + head), 3 * (layers * (r * (out + inn) + out * inn) + head)),
         "flora": (
             sum(layers * k * (out + inn) + head for k in ranks),
-            3 * (layers * sum(ranks) * (out + inn) + head),
+            3 * (layers * sum(ranks) * (out + inn) + head) + 3 * 2,  # + the int64 synced round, in floats
         ),
         "flexlora": (
             sum(layers * k * (out + inn) + head for k in ranks),

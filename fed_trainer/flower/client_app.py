@@ -12,6 +12,8 @@ from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, tensor_recor
 
 # load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
 DataLoader = Callable[[Context], tuple[object, Dataset]]
+# The node's record of what the strategy keeps between rounds (`Strategy.catch_up`)
+KEPT = "fed-trainer-kept"
 
 
 def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, content: RecordDict, context: Context):
@@ -19,7 +21,8 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
 
     The node builds the run's `FederatedTrainer` (its own dataset, the others stood for by `RemoteClient`), lets
     the strategy load the server's tensors into the model, trains with the seed and schedule position the server
-    chose, and sends the strategy's payload: what a client trained in the simulation would send.
+    chose, and sends the strategy's payload: what a client trained in the simulation would send. What the strategy
+    keeps between rounds (FLoRA: the folded base weights) stays in the node's `context.state`.
     """
     config = content["config"]
     client_id, dataset = load_client_data(context)
@@ -35,11 +38,16 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
     trainer = build_trainer(context, clients)
     strategy = trainer.strategy
     strategy.begin_round(config["round"])  # fresh LoRA factors are seeded by round
-    strategy.load_client(trainer.model, content["arrays"].to_torch_state_dict(), client_id)
+    message = content["arrays"].to_torch_state_dict()
+    kept = context.state[KEPT].to_torch_state_dict() if KEPT in context.state else {}
+    kept = strategy.catch_up(trainer.model, message, kept)
+    strategy.load_client(trainer.model, message, client_id)
     output = trainer.client_runner.train(
         dataset, client_id, seed=config["seed"], offset=config["offset"], schedule_steps=config["schedule-steps"]
     )
     payload = strategy.client_payload(trainer.model, client_id)
+    if kept:  # kept by the SuperNode for this node's next round of the run (lost if the SuperNode restarts)
+        context.state[KEPT] = tensor_record(kept)
     metrics = MetricRecord({"train-loss": float(output.training_loss), "num-examples": len(dataset)})
     return RecordDict({"arrays": tensor_record(payload), "metrics": metrics})
 

@@ -19,9 +19,6 @@ from fed_trainer.trainer import FederatedTrainer
 
 logger = logging.get_logger(__name__)
 
-# Strategies whose clients must keep state between rounds, which a SuperNode's fresh ClientApp process lacks.
-STATEFUL_CLIENTS = {"flora": "its clients fold every earlier round's stacks into their own base weights"}
-
 
 def discover_clients(grid: Grid, expected: int, timeout: float) -> dict:
     """Wait (at most `timeout` seconds) for `expected` SuperNodes and ask each for its client id and size;
@@ -108,12 +105,6 @@ def server_app(build_trainer: TrainerBuilder) -> ServerApp:
         timeout = float(context.run_config.get("round-timeout", 600))
         clients = discover_clients(grid, int(context.run_config["num-clients"]), timeout)
         trainer = build_trainer(context, {cid: RemoteClient(n) for cid, (_, n) in clients.items()})
-        if trainer.strategy.name in STATEFUL_CLIENTS:
-            raise ValueError(
-                f"strategy {trainer.strategy.name!r} cannot run on Flower yet: "
-                f"{STATEFUL_CLIENTS[trainer.strategy.name]}, and a SuperNode starts every round afresh. Use "
-                "'flexlora' for mixed ranks."
-            )
         trainer.remote_clients = GridClients(grid, {cid: node for cid, (node, _) in clients.items()}, timeout)
         train_save_evaluate(trainer)
 

@@ -77,6 +77,16 @@ class Strategy(ABC):
     def finish_round(self, model: nn.Module) -> None:
         """Turn the aggregate of this round into the new global state and load it into `model`."""
 
+    def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
+        """On a client that runs on its own machine (a Flower SuperNode), which builds the initial model afresh for
+        every round: bring `model` to the round's global state from what the machine `kept` after its last round
+        and the server's `message`, before `load_client`; returns what it keeps for its next round.
+
+        A strategy whose message carries everything a client needs keeps nothing (the default). The simulation's
+        clients share the server's live model, which already holds the global state, and skip this.
+        """
+        return {}
+
     def begin_round(self, round_number: int) -> None:
         """Called with the round number (from 1) before the round's first client; zeroes the running aggregate."""
         self._mass = 0.0

@@ -52,9 +52,9 @@ def tokenized(data, tokenizer, data_args: DataArguments):
     return data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=data_args.max_seq_length), batched=True)
 
 
-def tokenized_corpus(data_args: DataArguments, args: FederatedConfig, tokenizer):
-    """The bundled BBC News train and validation splits, tokenized and truncated as configured."""
-    raw = tokenized(load_bbc_news(seed=args.seed), tokenizer, data_args)
+def corpus(data_args: DataArguments, args: FederatedConfig):
+    """The bundled BBC News train and validation splits (raw text), truncated as configured."""
+    raw = load_bbc_news(seed=args.seed)
     train, evaluation = raw["train"], raw["validation"]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(len(train), data_args.max_train_samples)))
@@ -72,7 +72,7 @@ def build_trainer(run_config: Mapping, client_datasets: Mapping | None = None) -
     (the bundled corpus split into `num_clients` clients)."""
     lora_args, data_args, args = parse(run_config)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    train, evaluation = tokenized_corpus(data_args, args, tokenizer)
+    train, evaluation = (tokenized(split, tokenizer, data_args) for split in corpus(data_args, args))
     set_seed(args.seed)  # the classifier head starts the same on the server, every SuperNode and a simulation
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
     return FederatedTrainer(
@@ -90,17 +90,17 @@ def build_trainer(run_config: Mapping, client_datasets: Mapping | None = None) -
 
 
 def load_client_data(context: Context):
-    """This SuperNode's (client id, dataset)."""
+    """This SuperNode's (client id, dataset), tokenized."""
     client_id = int(context.node_config["partition-id"])
     _, data_args, args = parse(context.run_config)
     if "data-path" in context.node_config:
         data = load_from_disk(str(context.node_config["data-path"]))
-        return client_id, tokenized(data, AutoTokenizer.from_pretrained(minilm_path()), data_args)
-    if not 0 <= client_id < args.num_clients:
+    elif not 0 <= client_id < args.num_clients:
         raise ValueError(f"partition-id={client_id} is not one of the run's {args.num_clients} clients.")
-    train, _ = tokenized_corpus(data_args, args, AutoTokenizer.from_pretrained(minilm_path()))
-    parts = partition_dataset(
-        train, args.num_clients, method=args.partition, alpha=args.partition_alpha,
-        label_column=args.partition_label_column, seed=args.seed,
-    )  # fmt: skip
-    return client_id, parts[client_id]
+    else:
+        train, _ = corpus(data_args, args)
+        data = partition_dataset(
+            train, args.num_clients, method=args.partition, alpha=args.partition_alpha,
+            label_column=args.partition_label_column, seed=args.seed,
+        )[client_id]  # fmt: skip
+    return client_id, tokenized(data, AutoTokenizer.from_pretrained(minilm_path()), data_args)
