@@ -1,6 +1,8 @@
 """Every federated method on equal footing, on bundled real models and real data.
 
-Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), fedit, ffa_lora, flexlora,
+Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), galore_lowrank (the same aggregate,
+rank-r uplink), galore_shared (one server-picked projector for all clients, R-only uplink; also kept 4 rounds,
+without and with averaged Adam moments: galore_shared_r4, galore_shared_r4_moments), fedit, ffa_lora, flexlora,
 fedex_lora, flora; references: centralized (one client holding all the data, the same number of optimizer steps
 and examples as a federated run) and local_only (each client trains alone for the same number of steps; the mean
 of their results). Tasks (bench/tasks.py):
@@ -57,6 +59,10 @@ from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer, pa
 METHODS = [
     "fedavg",
     "galore_fedavg",
+    "galore_lowrank",
+    "galore_shared",
+    "galore_shared_r4",
+    "galore_shared_r4_moments",
     "fedit",
     "ffa_lora",
     "flexlora",
@@ -65,18 +71,33 @@ METHODS = [
     "centralized",
     "local_only",
 ]
-STRATEGY = {"galore_fedavg": "fedavg", "centralized": "fedavg", "local_only": "fedavg"}
+STRATEGY = {
+    "galore_fedavg": "fedavg",
+    "galore_shared_r4": "galore_shared",
+    "galore_shared_r4_moments": "galore_shared",
+    "centralized": "fedavg",
+    "local_only": "fedavg",
+}
+# galore_shared keeping each projector 4 rounds (picked after round 1: one for rounds 2-5), without and with
+# averaged Adam moments: the ablation that says whether averaging the moments helps
+OPTIONS = {
+    "galore_shared_r4": dict(galore_refresh_rounds=4),
+    "galore_shared_r4_moments": dict(galore_refresh_rounds=4, galore_average_moments=True),
+}
 
 
 def strategy_of(method: str) -> str:
     return STRATEGY.get(method, method)
 
 
+GALORE_METHODS = ("galore_fedavg", "galore_lowrank", "galore_shared", *OPTIONS)
+
+
 def family(method: str) -> str:
     """Which learning-rate grid a method sweeps: `lora`, `galore` or `full`."""
-    if strategy_of(method) != "fedavg":
-        return "lora"
-    return "galore" if method == "galore_fedavg" else "full"
+    if method in GALORE_METHODS:
+        return "galore"
+    return "lora" if strategy_of(method) != "fedavg" else "full"
 
 
 class PeakRSS:
@@ -167,7 +188,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
                 num_clients=1 if centralized else len(clients),
                 clients_per_round=None if centralized else a.per_round, num_rounds=a.rounds,
                 local_steps=a.local_steps * a.per_round if centralized else a.local_steps,
-                strategy=strategy_of(method), **(task.galore if method == "galore_fedavg" else {}), **common,
+                strategy=strategy_of(method), **(task.galore if method in GALORE_METHODS else {}),
+                **OPTIONS.get(method, {}), **common,
             )  # fmt: skip
             trainer = FederatedTrainer(
                 model=seeded_model(task, seed), args=config, client_datasets=[train] if centralized else clients,
@@ -220,13 +242,15 @@ def plot(results: dict, metric: str, directory: Path) -> list[str]:
     settings = list(results)
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        for method, summary in results[setting].items():
+        for i, (method, summary) in enumerate(results[setting].items()):
             curve = summary["per_round_mean"]
             style = dict(linestyle="--") if method == "centralized" else {}
+            style["color"] = plt.cm.tab20(i % 20)  # more methods than the default cycle's 10 colours
             if len(curve) == 1:
                 ax.axhline(curve[0], label=method, color="grey", linestyle=":")
             else:
-                ax.plot(range(1, len(curve) + 1), curve, marker="o", label=method, **style)
+                marker = "*" if method in GALORE_METHODS else "o"
+                ax.plot(range(1, len(curve) + 1), curve, marker=marker, label=method, **style)
         ax.set(title=setting, xlabel="round", ylabel=label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0][-1].legend(fontsize=7)
@@ -235,9 +259,11 @@ def plot(results: dict, metric: str, directory: Path) -> list[str]:
     fig.savefig(curves, dpi=120)
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        for method, summary in results[setting].items():
+        for i, (method, summary) in enumerate(results[setting].items()):
             if summary["total_bytes"] > 0:
-                ax.scatter(summary["total_bytes"], summary["final_mean"], label=method)
+                marker = "*" if method in GALORE_METHODS else "o"
+                ax.scatter(summary["total_bytes"], summary["final_mean"], label=method, color=plt.cm.tab20(i % 20),
+                           marker=marker, s=80 if marker == "*" else 30)  # fmt: skip
                 ax.annotate(method, (summary["total_bytes"], summary["final_mean"]), fontsize=7)
         ax.set(title=setting, xlabel="bytes communicated (up + down)", ylabel=f"final {label}", xscale="log")
     fig.tight_layout()
@@ -348,14 +374,14 @@ def main() -> None:
 
 
 def print_table(results: dict, targets: dict, metric: str) -> None:
-    header = f"{'setting':<24} {'method':<14} {'lr':>7} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
+    header = f"{'setting':<24} {'method':<24} {'lr':>7} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
     header += f"{'MB sent':>10} {'peak MiB':>9} {'wall s':>7}"
     print("\n" + header)
     for setting, methods in results.items():
         for method, s in methods.items():
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             print(
-                f"{setting:<24} {method:<14} {s['learning_rate']:>7g} "
+                f"{setting:<24} {method:<24} {s['learning_rate']:>7g} "
                 f"{s['final_mean']:>8.4f}±{s['final_std']:.4f} {s['best_mean']:>6.3f} "
                 f"{reached:>11} {s['total_bytes'] / 1e6:>10.1f} {s['peak_rss_mib']:>9.0f} {s['wall_s_mean']:>7.1f}"
             )

@@ -122,6 +122,20 @@ class FederatedConfig(TrainingArguments):
         },
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "The delta at which the privacy spent is reported."})
+    galore_refresh_rounds: int = field(
+        default=1,
+        metadata={
+            "help": "strategy='galore_shared': rounds a shared projector is kept before the server picks the next "
+            "one from the clients' gradient sketches."
+        },
+    )
+    galore_average_moments: bool = field(
+        default=False,
+        metadata={
+            "help": "strategy='galore_shared': average the clients' projected Adam moments on the server and start "
+            "the next round's clients from them while the projector is kept (needs galore_refresh_rounds > 1)."
+        },
+    )
     min_clients_per_round: int = field(
         default=1,
         metadata={
@@ -179,6 +193,7 @@ class FederatedConfig(TrainingArguments):
         if self.strategy not in available_strategies():
             raise ValueError(unknown_strategy_message(self.strategy))
         self._check_processes()
+        self._check_galore_shared()
         if self.max_steps > 0:
             logger.warning(
                 "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",
@@ -232,6 +247,21 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(
                 "DP-FedAvg needs client_weighting='uniform' and aggregation_rule='mean': with example-count weights "
                 "one client's influence, and so the noise needed, is unbounded."
+            )
+
+    def _check_galore_shared(self) -> None:
+        if self.galore_refresh_rounds < 1:
+            raise ValueError(f"galore_refresh_rounds must be at least 1, got {self.galore_refresh_rounds}.")
+        shared_only = self.galore_refresh_rounds != 1 or self.galore_average_moments
+        if shared_only and self.strategy != "galore_shared":
+            raise ValueError(
+                "galore_refresh_rounds and galore_average_moments apply to strategy='galore_shared' only, not "
+                f"{self.strategy!r}: set strategy='galore_shared' or leave them at their defaults."
+            )
+        if self.galore_average_moments and self.galore_refresh_rounds == 1:
+            raise ValueError(
+                "galore_average_moments needs galore_refresh_rounds > 1: the averaged moments live in the "
+                "coordinates of one projector, which galore_refresh_rounds=1 replaces every round."
             )
 
     def _check_galore(self) -> None:

@@ -8,6 +8,7 @@ from fed_trainer.strategies.ffa_lora import FFALoRA
 from fed_trainer.strategies.flexlora import FlexLoRA
 from fed_trainer.strategies.flora import FLoRA
 from fed_trainer.strategies.galore_lowrank import GaLoreLowRank
+from fed_trainer.strategies.galore_shared import GaLoreShared
 from fed_trainer.strategies.lora import LoraStrategy
 from fed_trainer.strategies.registry import available_strategies, get_strategy, register_strategy
 
@@ -19,6 +20,7 @@ __all__ = [
     "FedIT",
     "FlexLoRA",
     "GaLoreLowRank",
+    "GaLoreShared",
     "LoraStrategy",
     "Strategy",
     "TensorDict",

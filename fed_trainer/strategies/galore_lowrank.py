@@ -72,7 +72,12 @@ class ProjectedUpdates(TrainerCallback):
                 side, factor = "left", basis.T @ delta
             else:  # right: W += R Q, Q is r x n
                 side, factor = "right", delta @ basis.T
-            self.periods[p].append((self.decay[p], side, basis.clone(), factor))
+            periods, decay = self.periods[p], self.decay[p]
+            if periods and periods[-1][1] == side and torch.equal(periods[-1][2], basis):
+                # the same projector (galore_shared's is fixed): one period, c2 (c1 W + P R1) + P R2
+                previous, _, kept, earlier = periods.pop()
+                decay, basis, factor = previous * decay, kept, earlier * decay + factor
+            periods.append((decay, side, basis.clone(), factor))
             start.copy_(p.detach())
             self.decay[p] = 1.0
         self.open = False
@@ -86,12 +91,16 @@ class GaLoreLowRank(FedAvg):
         optim = str(getattr(args.optim, "value", args.optim))
         if optim != "galore_adamw":
             raise ValueError(
-                f"strategy 'galore_lowrank' sends GaLore's projected updates, so it needs optim='galore_adamw' (with "
+                f"strategy {self.name!r} sends GaLore's projected updates, so it needs optim='galore_adamw' (with "
                 f"optim_target_modules), got optim={optim!r}; use strategy='fedavg' for other optimizers."
             )
-        self.recorder = ProjectedUpdates()
+        self.recorder = self.recording()
         self.names = {p: name for name, p in model.named_parameters()}
         return super().setup(model, args, peft_configs)
+
+    def recording(self) -> ProjectedUpdates:
+        """The client-trainer callback that records the projected updates."""
+        return ProjectedUpdates()
 
     def client_callbacks(self) -> list[TrainerCallback]:
         return [self.recorder]
