@@ -264,8 +264,10 @@ def plot(results: dict, metric: str, directory: Path) -> list[str]:
                 marker = "*" if method in GALORE_METHODS else "o"
                 ax.scatter(summary["total_bytes"], summary["final_mean"], label=method, color=plt.cm.tab20(i % 20),
                            marker=marker, s=80 if marker == "*" else 30)  # fmt: skip
-                ax.annotate(method, (summary["total_bytes"], summary["final_mean"]), fontsize=7)
+                if marker == "o":  # the GaLore stars sit close together: the legend names them
+                    ax.annotate(method, (summary["total_bytes"], summary["final_mean"]), fontsize=7)
         ax.set(title=setting, xlabel="bytes communicated (up + down)", ylabel=f"final {label}", xscale="log")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     scatter = directory / f"{metric}_vs_bytes.png"
     fig.savefig(scatter, dpi=120)

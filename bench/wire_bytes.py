@@ -22,10 +22,13 @@ METHODS = {
     "fedavg": "--strategy fedavg",
     "galore_fedavg": f"{RECIPES / 'galore_fedavg.yaml'}",
     "galore_lowrank": f"{RECIPES / 'galore_lowrank.yaml'}",
+    "galore_shared (new projector each round)": f"{RECIPES / 'galore_shared.yaml'}",
+    "galore_shared (projector kept)": f"{RECIPES / 'galore_shared.yaml'} --galore_refresh_rounds 4",
     "fedit": "--strategy fedit",
     "ffa_lora": "--strategy ffa_lora",
     "flexlora (ranks 4, 8)": "--strategy flexlora --lora_ranks 4 8",
     "fedex_lora": "--strategy fedex_lora",
+    "flora (ranks 4, 8)": "--strategy flora --lora_ranks 4 8",
 }
 
 

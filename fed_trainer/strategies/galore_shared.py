@@ -219,7 +219,7 @@ class GaLoreShared(GaLoreLowRank):
                 self.moments[key] = self.moments[key].round().long()
 
     def state_dict(self) -> dict:
-        return {"layout": self.layout, "projectors": self.projectors, "moments": self.moments}
+        return {**super().state_dict(), "layout": self.layout, "projectors": self.projectors, "moments": self.moments}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)

@@ -45,7 +45,17 @@ class DataArguments:
 
 def parse(run_config: Mapping) -> tuple[LoraArguments, DataArguments, FederatedConfig]:
     argv = shlex.split(str(run_config.get("fed-args", "")))
-    return parse_args_with_recipe((LoraArguments, DataArguments, FederatedConfig), argv, DEFAULTS)
+    lora_args, data_args, args = parse_args_with_recipe(
+        (LoraArguments, DataArguments, FederatedConfig), argv, DEFAULTS
+    )
+    nodes = run_config.get("num-clients")
+    if nodes is not None and int(nodes) != args.num_clients:
+        raise ValueError(
+            f"the run config's num-clients={nodes} (SuperNodes) differs from num_clients={args.num_clients} in "
+            "fed-args (or its recipe): the corpus would be split for the wrong number of clients. Set both to the "
+            "number of SuperNodes."
+        )
+    return lora_args, data_args, args
 
 
 def tokenized(data, tokenizer, data_args: DataArguments):
