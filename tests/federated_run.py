@@ -56,7 +56,10 @@ def main() -> None:
     p.add_argument("--clients_per_round", type=int)
     p.add_argument("--ranks", help="the clients' LoRA ranks, e.g. 2,4,8 (default: peft_config's rank for all)")
     a = p.parse_args()
-    lora = a.strategy != "fedavg"
+    galore = a.strategy.startswith("galore_")  # galore_lowrank, galore_shared: GaLore clients
+    lora = a.strategy != "fedavg" and not galore
+    optimizer = dict(optim="galore_adamw", optim_target_modules=["attention", "intermediate"],
+                     optim_args="rank=4,update_proj_gap=2,scale=0.5") if galore else {}  # fmt: skip
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     trainer = FederatedTrainer(
         model=tiny_bert(dropout=a.dropout),
@@ -64,7 +67,7 @@ def main() -> None:
             Path(a.output_dir), output_dir=a.output_dir, strategy=a.strategy, num_rounds=a.rounds, save_every_rounds=1,
             save_total_limit=2, learning_rate=2e-2 if lora else 1e-3,
             aggregation_rule=a.aggregation_rule, update_clip_norm=a.update_clip_norm, deepspeed=a.deepspeed,
-            per_device_train_batch_size=a.batch_size, clients_per_round=a.clients_per_round,
+            per_device_train_batch_size=a.batch_size, clients_per_round=a.clients_per_round, **optimizer,
         ),  # fmt: skip
         client_datasets=[toy_dataset(n, seed) for seed, n in enumerate(a.client_sizes, start=1)],
         peft_config=peft_config if lora else None,

@@ -36,6 +36,8 @@ def run(launcher, output_dir, *flags):
         ["--strategy", "fedit", "--aggregation_rule", "median"],  # every payload gathered on every rank
         # 2 of 3 clients a round, so a client moves between ranks: what each client has folded is shared
         ["--strategy", "flora", "--ranks", "2,4,8", "--clients_per_round", "2", "--rounds", "4"],
+        # the clients' gradient sketches summed over ranks, so every rank picks the same projectors
+        ["--strategy", "galore_shared", "--clients_per_round", "2", "--rounds", "3"],
     ],
     ids=lambda flags: "-".join(flags[1::2]),
 )
