@@ -180,26 +180,44 @@ def test_a_flora_client_on_its_own_machine_catches_up_with_the_rounds_it_missed(
         peft_config=lora_config(targets), client_peft_configs=[2, 4, 8], callbacks=[probe := Probe()],
     )  # fmt: skip
     messages, outgoing = [], trainer.aggregation.outgoing
-    trainer.aggregation.outgoing = lambda cid: messages.append((cid, outgoing(cid))) or messages[-1][1]
+
+    def recorded(cid):  # a copy, as a transport would send: the folded base is a view of the live weights
+        messages.append((cid, {k: t.clone() for k, t in outgoing(cid).items()}))
+        return messages[-1][1]
+
+    trainer.aggregation.outgoing = recorded
     trainer.train()
     node = FederatedTrainer(
         model=build(), args=make_config(**config), client_datasets=CLIENTS,
         peft_config=lora_config(targets), client_peft_configs=[2, 4, 8],
     )  # fmt: skip
-    kept, since = {}, {}
+    kept, since, kinds = {}, {}, []
     starts = [(record_round, cid) for record_round, record in enumerate(probe.rounds, 1) for cid in record["start"]]
     assert len(starts) == len(messages) == 8
     for (round_number, cid), (sent_to, message) in zip(starts, messages, strict=True):
         assert sent_to == cid
         rounds = sorted({int(k.split(".")[0][5:]) for k in message if k.startswith("round")})
-        assert rounds == list(range(since.get(cid, 0) + 1, round_number)), (round_number, cid)
+        stacks = sum(t.numel() for k, t in message.items() if k.startswith("round"))
+        # the stacks the client has not folded, or the folded base where they would weigh more (32 x 32 layers)
+        if any(k.endswith(".base") for k in message):
+            kinds.append("base")
+            missed = [r for r in trainer.strategy.history if r > since.get(cid, 0)]
+            assert not rounds and (since.get(cid, 0) < trainer.strategy.dropped_through or missed)
+        else:
+            kinds.append("stacks")
+            assert rounds == list(range(since.get(cid, 0) + 1, round_number)), (round_number, cid)
+            assert stacks <= 4 * 32 * 32
         since[cid] = round_number - 1
         node.strategy.begin_round(round_number)
         kept[cid] = node.strategy.catch_up(node.model, message, kept.get(cid, {}))
         bases = {n: v for n, v in probe.rounds[round_number - 1]["raw_start"][cid].items() if "base_layer" in n}
         assert bases and all(torch.equal(node.model.state_dict()[n], v) for n, v in bases.items())
+    assert "base" in kinds and "stacks" in kinds, kinds
+    # the server keeps no more rounds of stacks than the base weights weigh
+    assert sum(t.numel() for s in trainer.strategy.history.values() for t in s.values()) <= 4 * 32 * 32
+    stacked = next(m for _, m in messages if not any(k.endswith(".base") for k in m))
     with pytest.raises(RuntimeError, match="was its machine restarted"):  # a client's machine that lost its state
-        node.strategy.catch_up(node.model, messages[-1][1] | {"synced_round": torch.tensor(3)}, {})
+        node.strategy.catch_up(node.model, stacked | {"synced_round": torch.tensor(3)}, {})
 
 
 @pytest.mark.parametrize("ranks", [[2, 4, 8], [4, 4, 4]])

@@ -4,7 +4,10 @@ W0 += [s_1 p_1 B_1, ..., s_K p_K B_K] [A_1; ...; A_K] = sum_k p_k s_k B_k A_k, e
 round every client starts from new factors at its own rank (A kaiming-uniform, seeded per round and client; B
 zero). Uplink r_k(out+in) per layer. The downlink carries the stacks a client has not folded yet: those of every
 round since its last update reached the server (the previous round's alone when it takes part every round), so a
-client that skipped rounds, failed or lost its state still ends up with the global model.
+client that skipped rounds, failed or lost its state still ends up with the global model. Where those stacks
+would outweigh the folded base weights themselves (out*in per layer), or reach back beyond the rounds the server
+still keeps, the message carries the folded base instead; the server keeps only as many rounds of stacks as fit
+in the size of the base weights, so its memory does not grow with the number of rounds.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 
 from fed_trainer.distributed import all_gather_objects
-from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.base import TensorDict, tensor_bytes
 from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
 from fed_trainer.zero import local_shard
@@ -36,19 +39,28 @@ class FLoRA(StackedLoraStrategy):
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
         self.history: dict[int, TensorDict] = {}  # round -> the stacks folded into the base at its end
+        self.dropped_through = 0  # the rounds up to this one are no longer in `history`
         # client -> the round of the global model its machine holds (0, the initial model, if not known)
         self.synced: dict = {}
+        # what the folded base weights of the targeted layers weigh (whole, also under ZeRO-3)
+        self.base_bytes = sum(
+            getattr(w, "ds_numel", w.numel()) * w.element_size() for w in self._base_weights().values()
+        )
         self.clear_adapters()
         return model
 
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """Each targeted layer's base weight (this process's partition of it under ZeRO-3)."""
+        return {name: local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
+
     def state_dict(self) -> dict:
         # `synced` is left out: a resumed run assumes nothing of the clients' machines (a new Flower run starts
-        # every ClientApp afresh), so its first messages carry every round's stacks.
-        return {**super().state_dict(), "history": self.history}
+        # every ClientApp afresh), so its first messages carry every round's stacks (or the folded base).
+        return {**super().state_dict(), "history": self.history, "dropped_through": self.dropped_through}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)
-        self.history, self.synced = state["history"], {}
+        self.history, self.dropped_through, self.synced = state["history"], state["dropped_through"], {}
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
@@ -63,6 +75,9 @@ class FLoRA(StackedLoraStrategy):
         since = self.synced.get(client_id, 0)
         self._set_synced(client_id, 0)  # unknown until its update arrives: a failed client may have lost its state
         stacks = {round_key(r, k): t for r, s in self.history.items() if r > since for k, t in s.items()}
+        if since < self.dropped_through or tensor_bytes(stacks) > self.base_bytes:  # the folded base is cheaper
+            since = self.round_number - 1
+            stacks = {f"{name}.base": weight for name, weight in self._base_weights().items()}
         return {**super().server_message(client_id), SYNCED: torch.tensor(since), **stacks}
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
@@ -75,23 +90,28 @@ class FLoRA(StackedLoraStrategy):
             self.synced.update(changes)
 
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
-        """Fold the stacks of the rounds after the one this machine holds into its base weights."""
-        held, since = (int(kept[SYNCED]) if kept else 0), int(message[SYNCED])
-        if held < since:
-            raise RuntimeError(
-                f"this client holds the global model of round {held}, but the server sent the rounds after {since} "
-                "only (was its machine restarted?); it is dropped this round and sent every round the next time."
-            )
-        bases = {name: local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
-        for name, weight in bases.items() if kept else ():
-            weight.data.copy_(kept[f"{name}.base"])
-        prefixes = sorted({key.split(".", 1)[0] for key in message if key.startswith("round")}, key=round_of)
-        for prefix in (p for p in prefixes if round_of(p) > held):
+        """Fold the stacks of the rounds after the one this machine holds into its base weights (or take the
+        folded base from the message)."""
+        bases, prefixes = self._base_weights(), []
+        if f"{next(iter(bases))}.base" in message:  # the folded base itself
+            source = message
+        else:
+            held, since = (int(kept[SYNCED]) if kept else 0), int(message[SYNCED])
+            if held < since:
+                raise RuntimeError(
+                    f"this client holds the global model of round {held}, but the server sent the rounds after "
+                    f"{since} only (was its machine restarted?); it is dropped this round and sent every round (or "
+                    "the folded base) the next time."
+                )
+            source = kept
+            rounds = {key.split(".", 1)[0] for key in message if key.startswith("round")}
+            prefixes = sorted((p for p in rounds if round_of(p) > held), key=round_of)
+        for name, weight in bases.items() if source else ():
+            weight.data.copy_(source[f"{name}.base"])
+        for prefix in prefixes:
             self._fold({key.split(".", 1)[1]: t for key, t in message.items() if key.startswith(f"{prefix}.")})
-        return {
-            **{f"{name}.base": w.detach().clone() for name, w in bases.items()},
-            SYNCED: torch.tensor(self.round_number - 1),
-        }
+        kept = {f"{name}.base": weight.detach().clone() for name, weight in bases.items()}
+        return {**kept, SYNCED: torch.tensor(self.round_number - 1)}
 
     def _fold(self, stacks: TensorDict) -> None:
         """Add one round's stacked update, left @ right, to every targeted base weight."""
@@ -106,4 +126,8 @@ class FLoRA(StackedLoraStrategy):
             stacks.update({f"{name}.stack_left": left, f"{name}.stack_right": right})
         self._fold(stacks)
         self.history[self.round_number] = stacks
+        while sum(map(tensor_bytes, self.history.values())) > self.base_bytes:
+            # the older rounds would only ever be sent as the (cheaper) folded base
+            self.dropped_through = min(self.history)
+            del self.history[self.dropped_through]
         self.clear_adapters()

@@ -231,8 +231,9 @@ class StackedLoraStrategy(LoraStrategy):
     def traffic_bytes(self, tensors: TensorDict) -> int:
         if not self.sharded or dist.get_rank() == 0:
             return tensor_bytes(tensors)
-        # under ZeRO-3 only the averaged tensors are this rank's shards; factors and stacks are whole on every rank
-        return tensor_bytes({k: t for k, t in tensors.items() if k in self.global_state})
+        # under ZeRO-3 the averaged tensors and base weights (".base") are this rank's shards; factors and stacks
+        # are whole on every rank
+        return tensor_bytes({k: t for k, t in tensors.items() if k in self.global_state or k.endswith(".base")})
 
     @staticmethod
     def factor_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> TensorDict:
