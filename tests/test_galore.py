@@ -106,9 +106,14 @@ def rounds(trainer):
     return [entry for entry in trainer.state.log_history if "round" in entry]
 
 
-def test_galore_lowrank_needs_the_galore_optimizer(make_config):
+def test_galore_lowrank_needs_the_galore_optimizer_with_one_sided_projections(make_config):
     with pytest.raises(ValueError, match="needs optim='galore_adamw'"):
         FederatedTrainer(model=tiny_bert(), args=make_config(strategy="galore_lowrank"), train_dataset=toy_dataset(8))
+    for strategy in ("galore_lowrank", "galore_shared"):
+        args = make_config(strategy=strategy, optim="galore_adamw", optim_target_modules=["attention"],
+                           optim_args="rank=4, proj_type=full")  # fmt: skip
+        with pytest.raises(ValueError, match="proj_type='full', which projects both sides"):
+            FederatedTrainer(model=tiny_bert(), args=args, train_dataset=toy_dataset(8))
 
 
 class SharedProbe(FederatedCallback):

@@ -20,6 +20,16 @@ from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.fedavg import FedAvg
 from fed_trainer.strategies.registry import register_strategy
 
+# GaLore's one-sided projections (P on the left or Q on the right); proj_type "full" projects both sides
+ONE_SIDED = ("std", "reverse_std", "left", "right")
+
+
+def galore_proj_type(args: FederatedConfig) -> str:
+    """GaLore's `proj_type` from `optim_args` ("rank=64,update_proj_gap=20,proj_type=std"), transformers' default
+    "std" when it is not given."""
+    pairs = (item.split("=", 1) for item in str(args.optim_args or "").split(",") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}.get("proj_type", "std")
+
 
 class ProjectedUpdates(TrainerCallback):
     """Records, on the client trainer, each GaLore period's (c, P, R) for every projected weight.
@@ -93,6 +103,12 @@ class GaLoreLowRank(FedAvg):
             raise ValueError(
                 f"strategy {self.name!r} sends GaLore's projected updates, so it needs optim='galore_adamw' (with "
                 f"optim_target_modules), got optim={optim!r}; use strategy='fedavg' for other optimizers."
+            )
+        if galore_proj_type(args) not in ONE_SIDED:
+            raise ValueError(
+                f"strategy {self.name!r} sends one-sided GaLore projections (W = c W + P R), but optim_args sets "
+                f"proj_type={galore_proj_type(args)!r}, which projects both sides: use one of {ONE_SIDED}, or "
+                "strategy='fedavg'."
             )
         self.recorder = self.recording()
         self.names = {p: name for name, p in model.named_parameters()}

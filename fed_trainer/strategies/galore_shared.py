@@ -47,11 +47,7 @@ def projector_side(shape: torch.Size, proj_type: str) -> str:
         return "right" if m >= n else "left"
     if proj_type == "reverse_std":
         return "left" if m >= n else "right"
-    if proj_type in ("left", "right"):
-        return proj_type
-    raise ValueError(
-        f"strategy 'galore_shared' supports GaLore's proj_type std, reverse_std, left and right, not {proj_type!r}."
-    )
+    return proj_type  # "left" or "right": the strategy refuses the two-sided "full" in setup
 
 
 class FixedProjector(GaLoreProjector):
