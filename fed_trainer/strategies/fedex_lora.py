@@ -22,7 +22,7 @@ from fed_trainer.strategies.lora import (
     lora_parameters,
 )
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import local_shard, whole
+from fed_trainer.zero import whole
 
 
 @register_strategy("fedex_lora")
@@ -52,16 +52,13 @@ class FedExLoRA(LoraStrategy):
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)
         if self.round_number > 1:  # the base weights have moved: clients need the dense residual
-            base = {f"{name}.base": local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
-            message.update(base)
+            message.update(self.base_message())
         return message
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         super().load_client(model, message, client_id)
-        for name, layer in self.layers.items():  # a client on its own machine takes the folded base from the message
-            base = message.get(f"{name}.base")  # (in the simulation, the live base itself: nothing changes)
-            if base is not None:
-                local_shard(layer.get_base_layer().weight).data.copy_(base)
+        if f"{next(iter(self.layers))}.base" in message:  # a client on its own machine takes the folded base
+            self.load_base(message)  # (in the simulation, the live base itself: nothing changes)
 
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)

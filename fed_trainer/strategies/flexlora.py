@@ -20,7 +20,7 @@ from fed_trainer.lowrank import truncated_svd_of_product
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import local_shard, own_part, whole
+from fed_trainer.zero import own_part, whole
 
 
 @register_strategy("flexlora")
@@ -36,16 +36,12 @@ class FlexLoRA(StackedLoraStrategy):
         super().on_model_sharded(model)
         self._take_origin()
 
-    def _base_weights(self) -> TensorDict:
-        """What this rank holds of every targeted base weight (all of it without ZeRO-3)."""
-        return {name: local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
-
     def _take_origin(self) -> None:
-        self.origin = {name: w.detach().to("cpu", copy=True) for name, w in self._base_weights().items()}
+        self.origin = {name: w.detach().to("cpu", copy=True) for name, w in self.base_weights().items()}
 
     def _set_base(self, with_update: bool) -> None:
         """Base weights := W0, plus dW if `with_update`."""
-        for name, weight in self._base_weights().items():
+        for name, weight in self.base_weights().items():
             weight.data.copy_(self.origin[name])
             if with_update and name in self.update:
                 left, right = self.update[name]

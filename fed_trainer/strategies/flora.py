@@ -19,7 +19,6 @@ from fed_trainer.distributed import all_gather_objects
 from fed_trainer.strategies.base import TensorDict, tensor_bytes
 from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import local_shard
 
 # Message key: the round of the global model the client is assumed to hold; the stacks of later rounds follow.
 SYNCED = "synced_round"
@@ -44,14 +43,10 @@ class FLoRA(StackedLoraStrategy):
         self.synced: dict = {}
         # what the folded base weights of the targeted layers weigh (whole, also under ZeRO-3)
         self.base_bytes = sum(
-            getattr(w, "ds_numel", w.numel()) * w.element_size() for w in self._base_weights().values()
+            getattr(w, "ds_numel", w.numel()) * w.element_size() for w in self.base_weights().values()
         )
         self.clear_adapters()
         return model
-
-    def _base_weights(self) -> dict[str, torch.Tensor]:
-        """Each targeted layer's base weight (this process's partition of it under ZeRO-3)."""
-        return {name: local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
 
     def state_dict(self) -> dict:
         # `synced` is left out: a resumed run assumes nothing of the clients' machines (a new Flower run starts
@@ -77,7 +72,7 @@ class FLoRA(StackedLoraStrategy):
         stacks = {round_key(r, k): t for r, s in self.history.items() if r > since for k, t in s.items()}
         if since < self.dropped_through or tensor_bytes(stacks) > self.base_bytes:  # the folded base is cheaper
             since = self.round_number - 1
-            stacks = {f"{name}.base": weight for name, weight in self._base_weights().items()}
+            stacks = self.base_message()
         return {**super().server_message(client_id), SYNCED: torch.tensor(since), **stacks}
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
@@ -92,8 +87,8 @@ class FLoRA(StackedLoraStrategy):
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
         """Fold the stacks of the rounds after the one this machine holds into its base weights (or take the
         folded base from the message)."""
-        bases, prefixes = self._base_weights(), []
-        if f"{next(iter(bases))}.base" in message:  # the folded base itself
+        prefixes = []
+        if f"{next(iter(self.layers))}.base" in message:  # the folded base itself
             source = message
         else:
             held, since = (int(kept[SYNCED]) if kept else 0), int(message[SYNCED])
@@ -106,11 +101,11 @@ class FLoRA(StackedLoraStrategy):
             source = kept
             rounds = {key.split(".", 1)[0] for key in message if key.startswith("round")}
             prefixes = sorted((p for p in rounds if round_of(p) > held), key=round_of)
-        for name, weight in bases.items() if source else ():
-            weight.data.copy_(source[f"{name}.base"])
+        if source:
+            self.load_base(source)
         for prefix in prefixes:
             self._fold({key.split(".", 1)[1]: t for key, t in message.items() if key.startswith(f"{prefix}.")})
-        kept = {f"{name}.base": weight.detach().clone() for name, weight in bases.items()}
+        kept = {key: weight.detach().clone() for key, weight in self.base_message().items()}
         return {**kept, SYNCED: torch.tensor(self.round_number - 1)}
 
     def _fold(self, stacks: TensorDict) -> None:

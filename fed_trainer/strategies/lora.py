@@ -193,6 +193,19 @@ class LoraStrategy(FedAvg):
         entropy = [self.args.seed, self.round_number, self.client_index[client_id]]
         return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
+    def base_weights(self) -> TensorDict:
+        """What this process holds of every targeted layer's base weight (all of it without ZeRO-3)."""
+        return {name: local_shard(layer.get_base_layer().weight) for name, layer in self.layers.items()}
+
+    def base_message(self) -> TensorDict:
+        """The targeted base weights as message entries `<layer>.base` (for a client that must be sent them)."""
+        return {f"{name}.base": weight for name, weight in self.base_weights().items()}
+
+    def load_base(self, tensors: TensorDict) -> None:
+        """Copy the `<layer>.base` entries of `tensors` (a `base_message`) into the base weights."""
+        for name, weight in self.base_weights().items():
+            weight.data.copy_(tensors[f"{name}.base"])
+
     def state_dict(self) -> dict:
         return {"scalings": {name: layer.scaling[ADAPTER] for name, layer in self.layers.items()}}
 
