@@ -67,23 +67,26 @@ def with_weight_decay(trainer: FederatedTrainer) -> FederatedTrainer:
     return trainer
 
 
-def galore_run(make_config, strategy):
+# GaLore rank 4 on tiny BERT's attention and MLP; local_steps 5: projector periods of steps 1-2, 3-4 and 5
+GALORE_CLIENTS = dict(
+    optim="galore_adamw", optim_target_modules=["attention", "intermediate"],
+    optim_args="rank=4,update_proj_gap=2,scale=0.5", num_clients=3, local_steps=5, learning_rate=3e-3,
+    per_device_train_batch_size=8,
+)  # fmt: skip
+
+
+def galore_trainer(make_config, callbacks=(), eval_dataset=None, **config) -> FederatedTrainer:
+    """GaLore clients (`GALORE_CLIENTS`) that decay their weights: after each update W is c W_start + P R, c < 1."""
     trainer = FederatedTrainer(
-        model=tiny_bert(dropout=0.0),
-        args=make_config(
-            strategy=strategy,
-            optim="galore_adamw",
-            optim_target_modules=["attention", "intermediate"],
-            optim_args="rank=4,update_proj_gap=2,scale=0.5",
-            num_clients=3,
-            num_rounds=2,
-            local_steps=5,  # projector periods of steps 1-2, 3-4 and 5
-            learning_rate=3e-3,
-            per_device_train_batch_size=8,
-        ),
-        train_dataset=toy_dataset(120),
-    )
-    with_weight_decay(trainer).train()  # after each update: the weight is c W_start + P R, c < 1
+        model=tiny_bert(dropout=0.0), args=make_config(**GALORE_CLIENTS, **config), train_dataset=toy_dataset(120),
+        eval_dataset=eval_dataset, callbacks=list(callbacks),
+    )  # fmt: skip
+    return with_weight_decay(trainer)
+
+
+def galore_run(make_config, strategy):
+    trainer = galore_trainer(make_config, strategy=strategy, num_rounds=2)
+    trainer.train()
     return trainer
 
 
@@ -161,20 +164,10 @@ def outside_span(weight, basis, left: bool):
 def shared_run(make_config, **config):
     names = [n for n, p in tiny_bert().named_parameters() if p.dim() == 2 and GALORE.search(n)]
     probe = SharedProbe(names)
-    trainer = FederatedTrainer(
-        model=tiny_bert(dropout=0.0),
-        args=make_config(
-            strategy="galore_shared", optim="galore_adamw", optim_target_modules=["attention", "intermediate"],
-            optim_args="rank=4,update_proj_gap=2,scale=0.5", num_clients=3, local_steps=5,
-            learning_rate=3e-3, per_device_train_batch_size=8, **config,
-        ),
-        train_dataset=toy_dataset(120),
-        eval_dataset=toy_dataset(60, seed=9),
-        callbacks=[probe],
-    )  # fmt: skip
+    trainer = galore_trainer(make_config, [probe], toy_dataset(60, seed=9), strategy="galore_shared", **config)
     probe.strategy = trainer.strategy
     trainer.client_runner.trainer.add_callback(StartingMoments(probe))
-    with_weight_decay(trainer).train()  # after each update: the weight is c W_start + P R, c < 1
+    trainer.train()
     return trainer, probe, names
 
 
@@ -258,16 +251,8 @@ def test_galore_shared_resumes_with_its_projectors_and_moments(make_config, tmp_
     config = dict(num_rounds=3, galore_refresh_rounds=2, galore_average_moments=True, save_every_rounds=1)
     whole, probe, _ = shared_run(make_config, **config)
     assert probe.rounds[1]["server_moments"]
-    resumed = FederatedTrainer(
-        model=tiny_bert(dropout=0.0),
-        args=make_config(
-            strategy="galore_shared", optim="galore_adamw", optim_target_modules=["attention", "intermediate"],
-            optim_args="rank=4,update_proj_gap=2,scale=0.5", num_clients=3, local_steps=5,
-            learning_rate=3e-3, per_device_train_batch_size=8, output_dir=str(tmp_path / "resumed"), **config,
-        ),
-        train_dataset=toy_dataset(120),
-    )  # fmt: skip
-    with_weight_decay(resumed).train(resume_from_checkpoint=str(tmp_path / "out" / "round-2"))
+    resumed = galore_trainer(make_config, strategy="galore_shared", output_dir=str(tmp_path / "resumed"), **config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "round-2"))
     expected = whole.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
