@@ -5,17 +5,16 @@ privacy spent is computed by opacus's RDP accountant for the sampled Gaussian me
 rate q = clients_per_round / num_clients per round.
 
 The accountant assumes Poisson sampling of clients; fed_trainer samples a fixed number without replacement, the
-usual approximation in federated DP. The noise is drawn from operating-system entropy, never from the run's seed,
-so a resumed or repeated run does not reproduce it (and an observer who knows the seed cannot subtract it).
+usual approximation in federated DP. The noise of round t is drawn from (seed, t), so a repeated or resumed run
+adds the same noise and ends with the same model. The guarantee therefore holds against an observer who does not
+know the run's `seed`: keep it as secret as the clients' data (an observer who knows it can subtract the noise).
 """
 
 from __future__ import annotations
 
-import secrets
-
+import numpy as np
 import torch
-
-from fed_trainer.distributed import all_gather_objects
+import torch.distributed as dist
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -34,20 +33,27 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: 
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
+DP_STREAM = 0x0D9  # tells the noise's random stream apart from the run's other streams drawn from the seed
+
+
+def dp_noise_generator(seed: int, round_number: int, sharded: bool = False) -> torch.Generator:
+    """The generator of round `round_number`'s DP noise, from the run's seed: the same on every process for whole
+    tensors; under ZeRO-3 (`sharded`) each process draws its own for its shards (one stream per rank)."""
+    rank = dist.get_rank() if sharded and dist.is_initialized() else 0
+    entropy = np.random.SeedSequence((seed, DP_STREAM, round_number, rank)).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(entropy))
+
+
 def private_average(
-    weighted_sum: TensorDict, global_state: TensorDict, mass: float, std: float, sharded: bool = False
+    weighted_sum: TensorDict, global_state: TensorDict, mass: float, std: float, generator: torch.Generator
 ) -> TensorDict:
     """The DP-FedAvg update applied to the global model.
 
     With uniform weights 1/m, `weighted_sum` = (1/m) sum_k W_k over the clients kept (total weight `mass`), so
     G + (sum_k (W_k - G) + N(0, (sigma S)^2)) / m = weighted_sum + (1 - mass) G + N(0, std^2), std = sigma S / m.
     Dividing by the m clients sampled, not by those kept, keeps the sensitivity at S / m when a client drops.
-    Whole tensors on every rank get rank 0's noise; under ZeRO-3 (`sharded`) each rank draws its own for its shards.
+    The noise is drawn from `generator` (`dp_noise_generator`), tensor by tensor in the state's order.
     """
-    seed = secrets.randbits(63)
-    if not sharded:
-        seed = all_gather_objects(seed)[0]
-    generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, total in weighted_sum.items():
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float32).to(total.device)

@@ -23,9 +23,8 @@ class Snapshots(FederatedCallback):
         self.ends[client_id] = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def dp_run(make_config, sigma, clip=0.05, rounds=1, **config):
-    snapshots = Snapshots()
-    trainer = FederatedTrainer(
+def dp_trainer(make_config, sigma, clip=0.05, rounds=1, callbacks=(), **config):
+    return FederatedTrainer(
         model=tiny_bert(dropout=0.0),
         args=make_config(
             num_rounds=rounds,
@@ -37,8 +36,13 @@ def dp_run(make_config, sigma, clip=0.05, rounds=1, **config):
             **config,
         ),  # fmt: skip
         client_datasets=CLIENTS,
-        callbacks=[snapshots],
+        callbacks=list(callbacks),
     )
+
+
+def dp_run(make_config, sigma, clip=0.05, rounds=1, **config):
+    snapshots = Snapshots()
+    trainer = dp_trainer(make_config, sigma, clip, rounds, callbacks=[snapshots], **config)
     trainer.train()
     return trainer, snapshots
 
@@ -63,15 +67,37 @@ def test_without_noise_the_global_model_is_the_mean_of_the_clipped_updates(make_
         torch.testing.assert_close(live[name].detach(), value, rtol=0, atol=1e-6, msg=name)
 
 
-def test_the_noise_has_the_calibrated_standard_deviation(make_config):
+def test_the_noise_is_gaussian_with_the_calibrated_standard_deviation(make_config):
     sigma, clip = 1.5, 0.05
     trainer, snapshots = dp_run(make_config, sigma=sigma, clip=clip)
     expected = clipped_mean(snapshots, clip)
     live = dict(trainer.model.named_parameters())
-    noise = torch.cat([(live[n].detach() - v).flatten() for n, v in expected.items()])
-    assert noise.numel() > 20_000
-    assert noise.std().item() == pytest.approx(sigma * clip / 3, rel=0.05)  # sigma S / m, m = 3 clients per round
-    assert abs(noise.mean().item()) < 5 * sigma * clip / 3 / noise.numel() ** 0.5
+    noise = torch.cat([(live[n].detach() - v).flatten() for n, v in expected.items()]).double()
+    n, std = noise.numel(), sigma * clip / 3  # sigma S / m, m = 3 clients per round
+    assert n > 20_000
+    # each bound is 5 standard errors of its estimate (std: std / sqrt(2n); mean: std / sqrt(n); a share: 0.5/sqrt(n))
+    assert abs(noise.std().item() / std - 1) < 5 / (2 * n) ** 0.5
+    assert abs(noise.mean().item()) < 5 * std / n**0.5
+    within_one_std = (noise.abs() < std).double().mean().item()
+    assert abs(within_one_std - 0.682689) < 2.5 / n**0.5  # Gaussian, not merely of the right spread
+    first, second = noise[: n // 2], noise[n // 2 : 2 * (n // 2)]  # independent across coordinates and tensors
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 5 / (n // 2) ** 0.5
+
+
+def final_state(trainer) -> dict:
+    return {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+
+
+def test_the_noise_comes_from_the_run_seed_so_runs_repeat_and_resume_exactly(make_config, tmp_path):
+    first = final_state(dp_run(make_config, sigma=1.0, rounds=2, save_every_rounds=1)[0])
+    again = final_state(dp_run(make_config, sigma=1.0, rounds=2, output_dir=str(tmp_path / "again"))[0])
+    other_seed = final_state(dp_run(make_config, sigma=1.0, rounds=2, seed=8, output_dir=str(tmp_path / "other"))[0])
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not torch.equal(first["classifier.weight"], other_seed["classifier.weight"])
+    # a fresh trainer resumed from the first run's round 1 adds round 2's noise again and ends on the same model
+    resumed = dp_trainer(make_config, sigma=1.0, rounds=2, output_dir=str(tmp_path / "resumed"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "round-1"))
+    assert all(torch.equal(first[name], final_state(resumed)[name]) for name in first)
 
 
 def test_privacy_spent_is_logged_every_round_and_written_to_the_model_card(make_config):

@@ -42,6 +42,7 @@ class Strategy(ABC):
         self._sum: TensorDict | None = None
         self._mass = 0.0  # the sum of the weights aggregated this round
         self.sharded = False  # whether the model's parameters are ZeRO-3 partitions (see `on_model_sharded`)
+        self.round_number = 0  # the round in progress (set by `begin_round`)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
@@ -89,6 +90,7 @@ class Strategy(ABC):
 
     def begin_round(self, round_number: int) -> None:
         """Called with the round number (from 1) before the round's first client; zeroes the running aggregate."""
+        self.round_number = round_number
         self._mass = 0.0
         if self._sum is not None:
             for t in self._sum.values():

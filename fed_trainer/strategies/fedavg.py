@@ -11,7 +11,7 @@ from torch import nn
 
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_gather_tensors
-from fed_trainer.privacy import private_average
+from fed_trainer.privacy import dp_noise_generator, private_average
 from fed_trainer.robust import clipped, robust_aggregate
 from fed_trainer.strategies.base import Strategy, TensorDict
 from fed_trainer.strategies.registry import register_strategy
@@ -109,7 +109,8 @@ class FedAvg(Strategy):
         args = self.args
         if args.aggregation_rule == "mean" and args.dp_noise_multiplier is not None:
             std = args.dp_noise_multiplier * args.update_clip_norm / args.clients_sampled_per_round
-            aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std, self.sharded)
+            noise = dp_noise_generator(args.seed, self.round_number, self.sharded)
+            aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std, noise)
         elif args.aggregation_rule == "mean":
             aggregate = {name: total / self.aggregated_weight for name, total in self._sum.items()}
         else:

@@ -127,7 +127,6 @@ class GaLoreShared(GaLoreLowRank):
         self.projectors: TensorDict = {}  # weight -> the shared projector of the coming rounds
         self.moments: TensorDict = {}  # "<weight>.exp_avg" etc.: the averaged moments for the next round
         self.incoming: TensorDict = {}  # on a client: the round's projectors and moments from the message
-        self.round_number = 0
         return model
 
     def recording(self) -> ProjectedUpdates:
@@ -153,7 +152,6 @@ class GaLoreShared(GaLoreLowRank):
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
-        self.round_number = round_number
         self._extras: TensorDict = {}  # weighted sums of the sketches and moments
 
     def server_message(self, client_id) -> TensorDict:

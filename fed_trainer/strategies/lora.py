@@ -109,7 +109,6 @@ class LoraStrategy(FedAvg):
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         self.client_configs = self._checked_configs(peft_configs)
         self.client_index = {cid: i for i, cid in enumerate(self.client_configs)}
-        self.round_number = 0
         self.args = args
         first = next(iter(self.client_configs.values()))
         # One adapter of the largest client rank serves every client (smaller ranks are zero-padded), so the live
@@ -180,10 +179,6 @@ class LoraStrategy(FedAvg):
                 "strategy='flexlora' or 'flora' for heterogeneous ranks."
             )
         return dict(peft_configs)
-
-    def begin_round(self, round_number: int) -> None:
-        super().begin_round(round_number)
-        self.round_number = round_number
 
     def scaling(self, client_id) -> float:
         return lora_scaling(self.client_configs[client_id])
