@@ -29,6 +29,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
+    set_seed,
 )
 
 from fed_trainer import FederatedConfig, FederatedTrainer
@@ -128,6 +129,7 @@ def text_columns(data_args: DataTrainingArguments, columns: list[str]) -> tuple[
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_seed(training_args.seed)  # before the model is built: its new head is drawn from the seed
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     raw = load_raw_datasets(data_args, training_args.seed)

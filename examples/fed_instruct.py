@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import transformers
 from datasets import DatasetDict, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets import load_chatterbot_qa, smollm2_path
@@ -99,6 +99,7 @@ def load_raw_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_seed(training_args.seed)  # before the model is built: its new head is drawn from the seed
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     raw = load_raw_datasets(data_args, training_args.seed)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import transformers
-from transformers import EvalPrediction
+from transformers import EvalPrediction, set_seed
 
 from fed_trainer import FederatedConfig, FederatedTrainer
 from fed_trainer.assets.efficientnet_lite import CLASSIFIER, POINTWISE_CONVS, efficientnet_lite0
@@ -70,6 +70,7 @@ def accuracy(p: EvalPrediction) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     lora_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_seed(training_args.seed)  # before the model is built: its new head is drawn from the seed
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     data = load_fashion_mnist(data_args.max_train_samples, data_args.max_eval_samples, seed=training_args.seed)
