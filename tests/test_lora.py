@@ -375,8 +375,36 @@ def test_a_user_strategy_registers_without_touching_the_package(make_config):
             self.state = self.kept
             self.load_client(model, self.state, None)
 
+    class RecordClients(FederatedCallback):
+        """Each client's weights as its local training starts and ends, in training order."""
+
+        def __init__(self):
+            self.started, self.trained = [], []
+
+        def on_client_begin(self, args, state, control, model=None, **kwargs):
+            self.started.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+        def on_client_end(self, args, state, control, model=None, **kwargs):
+            self.trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    record = RecordClients()
     trainer = FederatedTrainer(
-        model=tiny_bert(), args=make_config(strategy="keep_first_client", num_rounds=1), client_datasets=CLIENTS
+        model=tiny_bert(),
+        args=make_config(strategy="keep_first_client", num_rounds=2),
+        client_datasets=CLIENTS,
+        callbacks=[record],
     )
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    assert trainer.strategy.name == "keep_first_client"
+    assert len(record.trained) == 2 * len(CLIENTS)
+    # the user's rule, computed from the clients: each round's global model is that round's first client's
+    first_of_round_1, first_of_round_2 = record.trained[0], record.trained[len(CLIENTS)]
+    for name, value in trainer.model.named_parameters():
+        assert torch.equal(value, first_of_round_2[name]), name
+    second_of_round_2 = record.trained[len(CLIENTS) + 1]
+    assert not torch.equal(first_of_round_2["classifier.weight"], second_of_round_2["classifier.weight"])
+    # every client of round 1 started from the initial model, every client of round 2 from round 1's first client
+    assert not torch.equal(first_of_round_1["classifier.weight"], start["classifier.weight"])
+    for position, began in enumerate(record.started):
+        expected = start if position < len(CLIENTS) else first_of_round_1
+        assert all(torch.equal(began[n], expected[n]) for n in expected), position

@@ -1,29 +1,67 @@
 """The global model leaves as a plain transformers model, with a model card that states the federation."""
 
+import copy
+
+import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fed_trainer import FederatedTrainer
+from fed_trainer import FederatedCallback, FederatedTrainer
 
 
-def test_save_model_gives_a_plain_model_equal_to_the_global_one(make_config, tmp_path):
+class MergedClients(FederatedCallback):
+    """Each client's model at the end of its local training, merged to a plain model by PEFT (no fed_trainer code):
+    the clients of the last round, with their example counts."""
+
+    def on_round_begin(self, args, state, control, **kwargs):
+        self.clients = []
+
+    def on_client_end(self, args, state, control, model=None, num_examples=None, **kwargs):
+        plain = copy.deepcopy(model)
+        plain = plain.merge_and_unload() if isinstance(plain, PeftModel) else plain
+        self.clients.append((num_examples, plain.state_dict()))
+
+
+def combined(clients) -> dict:
+    """sum_k p_k W_k with p_k = n_k / sum n: the last round's global model for FedAvg and every exact LoRA method."""
+    total = sum(n for n, _ in clients)
+    names = clients[0][1].keys()
+    return {name: sum(n / total * state[name].double() for n, state in clients).float() for name in names}
+
+
+@pytest.mark.parametrize(
+    "strategy, ranks",
+    [("fedavg", None), ("ffa_lora", None), ("fedex_lora", None), ("flora", [2, 4, 8]), ("flexlora", [2, 4, 8])],
+)
+def test_the_saved_model_is_the_clients_models_combined_by_the_method(make_config, tmp_path, strategy, ranks):
+    record = MergedClients()
+    lora = strategy != "fedavg"
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     trainer = FederatedTrainer(
-        model=tiny_bert(),
-        args=make_config(save_every_rounds=1),
-        train_dataset=toy_dataset(30),
-        eval_dataset=toy_dataset(10),
-    )
+        model=tiny_bert(dropout=0.0),
+        args=make_config(save_every_rounds=1, strategy=strategy, learning_rate=2e-2 if lora else 1e-3),
+        client_datasets=[toy_dataset(n, seed) for seed, n in enumerate([8, 16, 24], start=1)],
+        peft_config=peft_config if lora else None,
+        client_peft_configs=ranks,
+        callbacks=[record],
+    )  # fmt: skip
     trainer.train()
     out = tmp_path / "final"
     trainer.save_model(str(out))
-    loaded = AutoModelForSequenceClassification.from_pretrained(str(out))
-    merged = trainer.merged_model()
-    assert type(loaded) is type(merged)
-    for name, value in merged.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], value), name
-    for round_number in (1, 2):
-        assert (tmp_path / "out" / f"round-{round_number}" / "model.safetensors").exists()
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert not any("lora" in name for name in loaded.state_dict())
+    expected = tiny_bert(dropout=0.0).eval()
+    expected.load_state_dict(combined(record.clients))
+    inputs = toy_dataset(16, seed=9)["input_ids"]
+    with torch.no_grad():
+        logits, reference = (m(input_ids=torch.tensor(inputs)).logits for m in (loaded, expected))
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference, tiny_bert(dropout=0.0).eval()(input_ids=torch.tensor(inputs)).logits)
+    last_round = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "round-2"))
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(last_round.state_dict()[name], value), name
 
 
 def test_model_card_states_strategy_rounds_clients_partition_and_metrics(make_config):
