@@ -29,9 +29,24 @@ TINY = "--num_rounds 2 --local_steps 2 --max_train_samples 64 --max_eval_samples
 
 
 def free_port() -> int:
+    """A port nothing listens on now; another process may take it before ours binds it (see `listens`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds a socket listening on `port` (not another process that took the port)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:  # the process, or one of its descriptors, is gone
+        return False
 
 
 def certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -75,7 +90,7 @@ class Deployment:
     whose public key is registered with the SuperLink may join."""
 
     def __init__(self, root: Path, secure: bool):
-        self.root, self.port = root, free_port()
+        self.root = root
         self.env = dict(
             os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(root / "flwr"),
             OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
@@ -87,17 +102,14 @@ class Deployment:
             link = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(ca)]
             link.append("--enable-supernode-auth")
             node, connection = ["--root-certificates", str(ca)], f'root-certificates = "{ca}"'
+        self.processes = []
+        _, self.port = self.start_listening(
+            "superlink", ["flower-superlink", *link, "--disable-runtime-dependency-installation"]
+        )
         (root / "flwr" / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
             f"{connection}\n"
         )
-        self.processes = [self.start("superlink", [
-            "flower-superlink", *link, "--disable-runtime-dependency-installation", "--port", str(self.port)
-        ])]  # fmt: skip
-        deadline = time.monotonic() + 60
-        while socket.socket().connect_ex(("127.0.0.1", self.port)) != 0:
-            assert time.monotonic() < deadline, (root / "superlink.log").read_text()[-3000:]
-            time.sleep(0.5)
         self.node_flags, self.secure = node, secure
         self.nodes = [self.start_node(k) for k in range(2)]
 
@@ -110,12 +122,30 @@ class Deployment:
                                       text=True, env=self.env, cwd=self.root, timeout=60)  # fmt: skip
                 assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
             flags += ["--auth-supernode-private-key", str(private)]
-        node = self.start(f"supernode{k}", [
-            "flower-supernode", *flags, "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-            "--node-config", f"partition-id={k}",
-        ])  # fmt: skip
-        self.processes.append(node)
+        node, _ = self.start_listening(f"supernode{k}", [
+            "flower-supernode", *flags, "--superlink", f"127.0.0.1:{self.port}", "--node-config", f"partition-id={k}",
+        ], may_end=not register)  # an unregistered node is refused and ends  # fmt: skip
         return node
+
+    def start_listening(self, name: str, command: list[str], may_end: bool = False) -> tuple[subprocess.Popen, int]:
+        """Start a server `command` on a free `--port`, and wait until it listens there itself (or, if `may_end`,
+        has ended for another reason than the port); if another process took the port in between, start it again
+        on another one. (The process, its port.)"""
+        for _ in range(5):
+            port = free_port()
+            process = self.start(name, [*command, "--port", str(port)])
+            deadline = time.monotonic() + 60
+            while not listens(process.pid, port) and process.poll() is None:
+                assert time.monotonic() < deadline, (self.root / f"{name}.log").read_text()[-3000:]
+                time.sleep(0.2)
+            self.processes.append(process)
+            if process.poll() is None:
+                return process, port
+            log = (self.root / f"{name}.log").read_text()
+            if "address already in use" not in log.lower():  # only a lost port is worth a retry
+                assert may_end, log[-3000:]
+                return process, port
+        raise AssertionError(f"{name}: five free ports were taken before it could bind one")
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
