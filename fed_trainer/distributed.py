@@ -9,8 +9,14 @@ floating-point summation order to a one-process run with the same seed.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import os
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,10 +36,56 @@ def world_size() -> int:
 
 
 def end_process_group() -> None:
-    """Leave the default process group, if the launcher set one up; the last line of a script run under
-    `torchrun` or `accelerate launch` (without it, gloo processes sometimes abort at exit)."""
+    """End this process's part in a distributed run, in the order that lets the interpreter exit cleanly: leave the
+    process groups (through DeepSpeed when it set them up, so it drops its own references to them), collect what no
+    longer refers to them, then wait until no gloo worker thread is still releasing the tensors of a finished
+    collective. The last line of a script run under `torchrun` or `accelerate launch` (a multi-process
+    FederatedTrainer also waits for the gloo workers at interpreter exit: `drain_gloo_workers_at_exit`).
+
+    Why the wait: a gloo worker frees a collective's tensors after the collective has completed, and a tensor whose
+    Python object is already gone takes the GIL to be freed. If that happens once the interpreter has begun
+    finalizing, CPython ends the worker thread inside a noexcept destructor and the process aborts ("terminate
+    called without an active exception", SIGABRT) after a run that finished. `destroy_process_group` does not stop
+    the worker threads while DeepSpeed (its engine, optimizer and the parameters' `ds_process_group`) still refers
+    to the groups, so the threads outlive it. See docs/scaling.md, "Ending a run".
+    """
     if _in_process_group():
-        dist.destroy_process_group()
+        dist.barrier()  # every rank has finished its collectives
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+        gc.collect()  # a group nothing refers to any more is destroyed now, joining its threads
+    drain_gloo_workers()
+
+
+@functools.cache
+def drain_gloo_workers_at_exit() -> None:
+    """Run `drain_gloo_workers` when the interpreter exits (registered once), also after a script that ends with an
+    error or without `end_process_group`: atexit handlers run before the interpreter starts finalizing."""
+    atexit.register(drain_gloo_workers)
+
+
+def drain_gloo_workers(timeout: float = 30.0) -> None:
+    """Wait, with the GIL released, until no gloo worker thread of this process is running or runnable for a few
+    polls in a row: the tensors of finished collectives are then freed, while the interpreter is still whole.
+    Linux only (reads /proc); elsewhere returns at once."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return
+    deadline, quiet_polls = time.monotonic() + timeout, 0
+    while quiet_polls < 3 and time.monotonic() < deadline:
+        quiet_polls = 0 if any(_is_running_gloo_worker(task) for task in tasks.iterdir()) else quiet_polls + 1
+        time.sleep(0.002)
+
+
+def _is_running_gloo_worker(task: Path) -> bool:
+    try:
+        name, stat = (task / "comm").read_text(), (task / "stat").read_text()
+    except OSError:  # the thread has ended
+        return False
+    return name.startswith("pt_gloo") and stat.rsplit(")", 1)[1].split()[0] == "R"
 
 
 def launched_with(sharder: str) -> bool:

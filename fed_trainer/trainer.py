@@ -32,7 +32,14 @@ from fed_trainer.checkpoint import (
 )
 from fed_trainer.client import ClientRunner, local_steps_for
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
+from fed_trainer.distributed import (
+    all_gather_objects,
+    all_reduce_scalar,
+    drain_gloo_workers_at_exit,
+    is_client_parallel,
+    merged,
+    share_of,
+)
 from fed_trainer.partition import partition_dataset
 from fed_trainer.privacy import dp_epsilon
 from fed_trainer.strategies import Strategy, get_strategy
@@ -159,6 +166,8 @@ class FederatedTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        if args.world_size > 1:
+            drain_gloo_workers_at_exit()
         self.aggregation = AggregationCallback(self.strategy)
         self.callback_handler.callbacks.insert(0, self.aggregation)
         if self.pop_callback(ProgressCallback) is not None:
@@ -338,6 +347,8 @@ class FederatedTrainer(Trainer):
             try:
                 output = runner.train(dataset, client_id, **self.client_plan(round_number, position, steps_per_round))
             except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
+                if processes == 1 and args.world_size > 1:  # sharded: the other ranks are inside this client's steps
+                    raise self._sharded_client_failure(round_number, client_id, err) from err
                 logger.warning(
                     f"Round {round_number}: client {client_id!r} failed and is dropped from the round: "
                     f"{type(err).__name__}: {err}"
@@ -352,6 +363,22 @@ class FederatedTrainer(Trainer):
             )  # fmt: skip
             runner.release()
         return losses, failed
+
+    def _sharded_client_failure(self, round_number: int, client_id, err: Exception) -> RuntimeError:
+        """The error that stops a sharded (DeepSpeed) run when a client's training raised on this rank.
+
+        Every rank trains every client together, so the other ranks are inside the same steps, waiting in a
+        collective this rank will not join: the client cannot be dropped as in one process. This rank raises at
+        once; its exit closes its connections, so the others fail in their pending collective (and the launcher
+        ends them) instead of waiting for the process-group timeout."""
+        args = self.args
+        return RuntimeError(
+            f"Round {round_number}: the training of client {client_id!r} raised on rank {args.process_index} of "
+            f"{args.world_size}: {type(err).__name__}: {err}. Under DeepSpeed every rank trains every client "
+            "together, so a client that fails on one rank cannot be dropped: the run stops. Fix the client's "
+            "data (or memory), then continue from the last round checkpoint with "
+            "trainer.train(resume_from_checkpoint=True)."
+        )
 
     def privacy_spent(self, rounds: int) -> float:
         """Client-level epsilon at `args.dp_delta` after `rounds` DP-FedAvg rounds (opacus's RDP accountant)."""
@@ -386,6 +413,7 @@ class FederatedTrainer(Trainer):
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return str(directory)
 
     def _global_state_dict(self) -> dict:

@@ -38,6 +38,8 @@ def run(launcher, output_dir, *flags):
         ["--strategy", "flora", "--ranks", "2,4,8", "--clients_per_round", "2", "--rounds", "4"],
         # the clients' gradient sketches summed over ranks, so every rank picks the same projectors
         ["--strategy", "galore_shared", "--clients_per_round", "2", "--rounds", "3"],
+        # client 1's training raises in round 2 on the rank that trains it: every rank drops it, as one process does
+        ["--strategy", "fedavg", "--fail_client", "2:1"],
     ],
     ids=lambda flags: "-".join(flags[1::2]),
 )
@@ -54,6 +56,9 @@ def test_two_processes_end_with_the_global_model_of_one(tmp_path, flags):
     for a, b in zip(one, two, strict=True):
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a.get("num_clients_dropped") == b.get("num_clients_dropped")
+    if "--fail_client" in flags:
+        assert [entry.get("num_clients_dropped") for entry in two] == [None, 1]
     # checkpoints written by the main process alone (two writers would race on the round-N.partial folders)
     newest = [f"round-{n}" for n in (len(one) - 1, len(one))]  # save_total_limit=2
     assert sorted(p.name for p in (tmp_path / "two").glob("round-*")) == newest

@@ -5,12 +5,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
+
+from fed_trainer.assets import minilm_path
 
 REPO = Path(__file__).parent.parent
 WORKER = Path(__file__).with_name("federated_run.py")
@@ -20,13 +23,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 SAME_WORK = ["--rounds", "2", "--client_sizes", "8", "8", "8", "--dropout", "0"]
 
 
-def run(launcher, output_dir, *flags, succeeds=True):
+def run(launcher, output_dir, *flags, succeeds=True, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     command = [*launcher, str(WORKER), "--output_dir", str(output_dir), *SAME_WORK, *flags]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert (done.returncode == 0) == succeeds, done.stdout[-2000:] + done.stderr[-4000:]
-    return output_dir
+    return done
 
 
 def assert_same_saved_model(saved: Path, expected: Path):
@@ -43,7 +46,8 @@ def one_process(tmp_path_factory):
 
     def reference(*flags):
         if flags not in cache:
-            cache[flags] = run([sys.executable], tmp_path_factory.mktemp("one"), *flags, "--batch_size", "8")
+            cache[flags] = tmp_path_factory.mktemp("one")
+            run([sys.executable], cache[flags], *flags, "--batch_size", "8")
         return cache[flags]
 
     return reference
@@ -70,7 +74,8 @@ def one_process(tmp_path_factory):
 def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_process, config, flags):
     expected = one_process(*flags)
     deepspeed = REPO / "recipes" / "deepspeed" / f"{config}.json"
-    two = run(TORCHRUN, tmp_path, *flags, "--deepspeed", str(deepspeed))
+    run(TORCHRUN, tmp_path, *flags, "--deepspeed", str(deepspeed))
+    two = tmp_path
     # the saved model (save_model, and each round's checkpoint) is whole, merged, and a plain transformers model
     for saved in (two / "model", two / "round-2"):
         assert_same_saved_model(saved, expected / "model")
@@ -92,20 +97,68 @@ def test_a_zero3_run_killed_mid_round_resumes_to_the_global_model_of_one_process
     run(TORCHRUN, tmp_path / "run", *zero3, "--kill_in_round", "3", succeeds=False)
     assert sorted(p.name for p in (tmp_path / "run").glob("round-*")) == ["round-1", "round-2"]
     run(TORCHRUN, tmp_path / "run", *zero3, "--resume")  # the checkpoint's whole weights loaded into partitions
-    one = run([sys.executable], tmp_path / "one", *flexlora, "--batch_size", "8")
-    assert_same_saved_model(tmp_path / "run" / "model", one / "model")
+    run([sys.executable], tmp_path / "one", *flexlora, "--batch_size", "8")
+    assert_same_saved_model(tmp_path / "run" / "model", tmp_path / "one" / "model")
+
+
+def test_a_client_failing_on_one_zero_rank_stops_every_rank_at_once_naming_the_rank_and_client(tmp_path):
+    # client 1's first batch raises on rank 1 only, in round 2, while rank 0 goes on into the step's collectives:
+    # without the stop, rank 0 waits there for the process-group timeout (30 minutes) and rank 1 in the next client
+    zero3 = ["--strategy", "fedavg", "--deepspeed", str(REPO / "recipes" / "deepspeed" / "zero3.json")]
+    start = time.monotonic()
+    done = run(TORCHRUN, tmp_path, *zero3, "--fail_client", "2:1:1", succeeds=False, timeout=240)
+    assert time.monotonic() - start < 180  # the whole run, round 1 included, took 31 s here
+    assert "Round 2: the training of client 1 raised on rank 1 of 2: ValueError" in done.stderr
+    assert "raised on rank 0 of 2" in done.stderr  # rank 0 stopped too: its pending collective lost its peer
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-1"]  # the last finished round, to resume
+
+
+# The example's short run: 2 clients of 32 articles, one step each (no warm-up: its first step would have rate 0).
+# Two ZeRO processes take 16 articles a step each, one process 32: the same step either way.
+TINY_EXAMPLE = ["--num_clients", "2", "--num_rounds", "1", "--local_steps", "1", "--max_train_samples", "64",
+                "--max_eval_samples", "16", "--max_seq_length", "32", "--warmup_steps", "0",
+                "--disable_tqdm", "true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def minilm_without_dropout(tmp_path_factory) -> Path:
+    """The bundled MiniLM with dropout off, so that two processes and one draw no masks and do the same work."""
+    folder = tmp_path_factory.mktemp("minilm")
+    for file in Path(minilm_path()).iterdir():
+        if file.is_file() and file.name != "config.json":
+            (folder / file.name).symlink_to(file)
+    config = json.loads((Path(minilm_path()) / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process_example(tmp_path_factory, minilm_without_dropout) -> Path:
+    out = tmp_path_factory.mktemp("example")
+    command = [sys.executable, str(REPO / "examples/fed_glue.py"), *TINY_EXAMPLE, "--per_device_train_batch_size",
+               "32", "--model_name_or_path", str(minilm_without_dropout), "--output_dir", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
 
 
 @pytest.mark.parametrize("recipe", ["zero2", "zero3", "zero3_offload"])
-def test_the_zero_recipes_launch_the_example(tmp_path, recipe):
+def test_the_zero_recipes_launch_the_example_and_end_where_one_process_ends(
+    tmp_path, recipe, minilm_without_dropout, one_process_example
+):
     accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
     launch = [*accelerate, str(REPO / f"recipes/accelerate/{recipe}.yaml"), str(REPO / "examples/fed_glue.py")]
-    tiny = ["--use_cpu", "--num_rounds", "1", "--local_steps", "1", "--max_train_samples", "32",
-            "--max_eval_samples", "16", "--max_seq_length", "32", "--output_dir", str(tmp_path / "out"),
-            "--disable_tqdm", "true"]  # fmt: skip
-    done = subprocess.run([*launch, *tiny], capture_output=True, text=True, cwd=REPO, timeout=300,
+    flags = [*TINY_EXAMPLE, "--use_cpu", "--per_device_train_batch_size", "16", "--model_name_or_path",
+             str(minilm_without_dropout), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run([*launch, *flags], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert results["eval_loss"] < 2.0  # 5 topics: about ln 5 = 1.61 untrained; 3.2 when losses were doubled
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    results, expected = (
+        json.loads((d / "eval_results.json").read_text()) for d in (tmp_path / "out", one_process_example)
+    )
+    # the loss of one step taken on both halves of the batch (it was twice as large when transformers doubled it)
+    assert results["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4)
+    assert results["eval_accuracy"] == expected["eval_accuracy"]
+    # the step moved the weights by about 1e-4; the two runs agreed to 2e-6 here
+    assert_same_saved_model(tmp_path / "out", one_process_example)
