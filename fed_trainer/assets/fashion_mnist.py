@@ -65,3 +65,10 @@ class GreyImageCollator:
         pixels = F.interpolate(pixels[:, None], size=self.image_size, mode="bilinear", align_corners=False)
         pixels = ((pixels - self.mean) / self.scale).expand(-1, 3, -1, -1).contiguous()
         return {"pixel_values": pixels, "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
+
+
+if __name__ == "__main__":  # `make install` ends with this check: python -m fed_trainer.assets.fashion_mnist
+    try:
+        print(f"Fashion-MNIST: {fashion_mnist_dir()}")
+    except FileNotFoundError as err:
+        raise SystemExit(f"make install: {err}") from None
