@@ -81,3 +81,26 @@ def test_model_card_states_strategy_rounds_clients_partition_and_metrics(make_co
     assert "clients: 3 (3 per round)" in text
     assert "partition: `dirichlet` (alpha=1.0)" in text
     assert f"eval_loss: {final['eval_loss']:.4f}" in text
+
+
+def test_every_round_checkpoint_fires_on_save_after_it_is_written(make_config, tmp_path):
+    class Saves(FederatedCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_save(self, args, state, control, **kwargs):
+            rounds = sorted(p.name for p in (tmp_path / "out").glob("round-*"))
+            self.seen.append((state.global_step, rounds))
+
+    saves = Saves()
+    trainer = FederatedTrainer(
+        model=tiny_bert(), args=make_config(num_rounds=3, save_every_rounds=1), client_datasets=[toy_dataset(8)] * 2,
+        callbacks=[saves],
+    )  # fmt: skip
+    trainer.train()
+    steps = trainer.args.local_steps
+    assert saves.seen == [
+        (steps, ["round-1"]),
+        (2 * steps, ["round-1", "round-2"]),
+        (3 * steps, ["round-1", "round-2", "round-3"]),
+    ]
