@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -349,8 +350,9 @@ def main() -> None:
         }
     print_table(results, targets, task.metric)
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
         "wall_s_total": time.perf_counter() - started,
         "task": a.task,
         "metric": task.metric,
@@ -373,6 +375,16 @@ def main() -> None:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2))
     print(f"total wall time: {report['wall_s_total']:.0f} s")
+
+
+def git_commit() -> str:
+    """The commit the figures are measured at; "-dirty" when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if dirty else "")
 
 
 def print_table(results: dict, targets: dict, metric: str) -> None:

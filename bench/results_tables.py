@@ -1,0 +1,84 @@
+"""Write the tables of docs/results.md from the JSON files bench/compare.py writes, so that no figure is copied by
+hand.
+
+A table's place in the page is a pair of markers naming the JSON it comes from:
+
+    <!-- compare-table: bench/results/compare_quick.json -->
+    ... (replaced) ...
+    <!-- end compare-table -->
+
+    python bench/results_tables.py                      # every marked table of docs/results.md
+    python bench/results_tables.py --page docs/results.md --check   # exit 1 if a table differs from its JSON
+
+Each table is preceded by the command, date, wall time, versions and git commit the JSON records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKED = re.compile(r"(<!-- compare-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end compare-table -->)", re.S)
+
+
+def provenance(report: dict) -> str:
+    """One line that says where the figures come from."""
+    versions = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
+    commit = report.get("commit", "unrecorded")
+    return (
+        f"Measured by `{report['command']}` on {report['date']} at commit {commit}, "
+        f"{report['wall_s_total']:.0f} s in all ({versions}; {report['machine']['cpus']} CPUs)."
+    )
+
+
+def table(report: dict) -> str:
+    """The results of a compare JSON as a markdown table (the columns bench/compare.py prints)."""
+    metric = report["metric"]
+    lines = [
+        provenance(report),
+        "",
+        f"| setting | method | lr | final {metric} | best round | rounds to target | MB sent | peak RSS MiB "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, methods in report["results"].items():
+        for method, s in methods.items():
+            reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
+            lines.append(
+                f"| {setting} | {method} | {s['learning_rate']:g} | {s['final_mean']:.4f} ± {s['final_std']:.4f} | "
+                f"{s['best_mean']:.3f} | {reached} | {s['total_bytes'] / 1e6:.1f} | {s['peak_rss_mib']:.0f} | "
+                f"{s['wall_s_mean']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def rewritten(page: str) -> str:
+    """`page` with every marked table generated anew from its JSON."""
+
+    def replace(match: re.Match) -> str:
+        report = json.loads((ROOT / match["path"]).read_text())
+        return match.group(1) + table(report) + match.group(4)
+
+    return MARKED.sub(replace, page)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--page", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 if the page differs from its JSON")
+    a = p.parse_args()
+    page = Path(a.page)
+    before = page.read_text()
+    after = rewritten(before)
+    if a.check:
+        sys.exit(0 if after == before else f"{page}: a table differs from its JSON; run bench/results_tables.py")
+    page.write_text(after)
+    print(f"{page}: {len(MARKED.findall(before))} tables written")
+
+
+if __name__ == "__main__":
+    main()
