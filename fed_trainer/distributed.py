@@ -47,7 +47,7 @@ def end_process_group() -> None:
     finalizing, CPython ends the worker thread inside a noexcept destructor and the process aborts ("terminate
     called without an active exception", SIGABRT) after a run that finished. `destroy_process_group` does not stop
     the worker threads while DeepSpeed (its engine, optimizer and the parameters' `ds_process_group`) still refers
-    to the groups, so the threads outlive it. See docs/scaling.md, "Ending a run".
+    to the groups, so the threads outlive it. See docs/scaling.md, "Failures and ending a run".
     """
     if _in_process_group():
         dist.barrier()  # every rank has finished its collectives
