@@ -316,6 +316,7 @@ def main() -> None:
     task = TASKS[a.task]()
     seeds = list(range(a.seeds))
     started = time.perf_counter()
+    commit = git_commit()  # at the start: the code that runs, whatever changes in the tree meanwhile
     sweep: dict = {}
     best_lr = {m: task.lr_grid[family(m)][0] for m in a.methods}
     raw: dict = {}
@@ -352,7 +353,7 @@ def main() -> None:
     report = {
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": git_commit(),
+        "commit": commit,
         "wall_s_total": time.perf_counter() - started,
         "task": a.task,
         "metric": task.metric,
