@@ -19,7 +19,7 @@ from transformers import ProgressCallback, Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
-from fed_trainer.callbacks import AggregationCallback, RoundProgressCallback, call_federated_event
+from fed_trainer.callbacks import RoundProgressCallback
 from fed_trainer.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from fed_trainer.checkpoint import PREFIX as CHECKPOINT_PREFIX
 from fed_trainer.checkpoint import (
@@ -32,16 +32,10 @@ from fed_trainer.checkpoint import (
 )
 from fed_trainer.client import ClientRunner, local_steps_for
 from fed_trainer.config import FederatedConfig
-from fed_trainer.distributed import (
-    all_gather_objects,
-    all_reduce_scalar,
-    drain_gloo_workers_at_exit,
-    is_client_parallel,
-    merged,
-    share_of,
-)
+from fed_trainer.distributed import drain_gloo_workers_at_exit
 from fed_trainer.partition import partition_dataset
 from fed_trainer.privacy import dp_epsilon
+from fed_trainer.round import ClientExecutor, InProcessClients, Round
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.zero import holds_shards, reload_partitions, whole_copy
 
@@ -168,17 +162,15 @@ class FederatedTrainer(Trainer):
         )
         if args.world_size > 1:
             drain_gloo_workers_at_exit()
-        self.aggregation = AggregationCallback(self.strategy)
-        self.callback_handler.callbacks.insert(0, self.aggregation)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RoundProgressCallback)
         self._round_logs: dict | None = None
         self.client_runner = ClientRunner(self)
-        self.remote_clients = None  # set by fed_trainer.flower: the round's clients then train on other machines
+        # where the clients train: in this process; fed_trainer.flower sets its SuperNodes' executor instead
+        self.client_executor: ClientExecutor = InProcessClients()
         if self.client_runner.engine is not None:  # DeepSpeed: the clients' one engine also serves evaluation, saving
             self.deepspeed = self.model_wrapped = self.client_runner.engine
             self.accelerator.deepspeed_config = self.client_runner.trainer.accelerator.deepspeed_config
-            self.aggregation.engine = self.client_runner.engine
             if holds_shards(self.model):
                 if not self.deepspeed.zero_gather_16bit_weights_on_model_save():
                     raise ValueError(
@@ -211,22 +203,6 @@ class FederatedTrainer(Trainer):
             raise ValueError(f"client_peft_configs lists {len(client_peft_configs)} ranks for {len(ids)} clients.")
         return {cid: dataclasses.replace(peft_config, r=int(r)) for cid, r in zip(ids, client_peft_configs)}
 
-    def sample_clients(self, round_number: int) -> list:
-        """The ids of the clients trained in round `round_number` (1-based), the same for the same seed."""
-        ids = list(self.client_datasets)
-        count = self.args.clients_sampled_per_round
-        if count >= len(ids):
-            return ids
-        rng = np.random.default_rng((self.args.seed, round_number))
-        return [ids[i] for i in sorted(rng.choice(len(ids), size=count, replace=False))]
-
-    def client_weights(self, client_ids: list) -> dict:
-        """Aggregation weight p_k of each client of a round: n_k / sum n (default), or uniform."""
-        if self.args.client_weighting == "uniform":
-            return {cid: 1.0 / len(client_ids) for cid in client_ids}
-        total = sum(len(self.client_datasets[cid]) for cid in client_ids)
-        return {cid: len(self.client_datasets[cid]) / total for cid in client_ids}
-
     def train(
         self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval=None, **kwargs
     ) -> TrainOutput:
@@ -237,7 +213,6 @@ class FederatedTrainer(Trainer):
         """
         args = self.args
         self.is_in_train = True
-        runner = self.client_runner
         steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
         self.state = TrainerState(
             max_steps=args.num_rounds * steps_per_round,
@@ -253,7 +228,7 @@ class FederatedTrainer(Trainer):
         start_time = time.time()
         progress = self._progress
         for round_number in range(progress["round"] + 1, args.num_rounds + 1):
-            logs = self._run_round(round_number, runner, steps_per_round)
+            logs = Round(self, round_number, steps_per_round).run(self.client_executor)
             progress["total_bytes_up"] += logs["bytes_up"]
             progress["total_bytes_down"] += logs["bytes_down"]
             progress["round_losses"].append(logs["train_loss"])
@@ -278,125 +253,11 @@ class FederatedTrainer(Trainer):
         self.log(dict(metrics))
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
-    def _run_round(self, round_number: int, runner: ClientRunner, steps_per_round: int) -> dict:
-        args, state = self.args, self.state
-        client_ids = self.sample_clients(round_number)
-        weights = self.client_weights(client_ids)
-        self.control = call_federated_event(
-            self.callback_handler, "on_round_begin", args, state, self.control,
-            round=round_number, client_ids=client_ids, client_weights=weights,
-        )  # fmt: skip
-        if self.remote_clients is not None:
-            losses, failed = self.remote_clients.train(self, round_number, client_ids, steps_per_round)
-        else:
-            losses, failed = self._train_clients(round_number, client_ids, runner, steps_per_round)
-        processes = args.world_size if is_client_parallel(args) else 1
-        aggregation = self.aggregation
-        outcome = dict(losses=losses, failed=failed, accepted=aggregation.accepted, rejected=aggregation.rejected,
-                       bytes_up=aggregation.round_bytes_up, bytes_down=aggregation.round_bytes_down)  # fmt: skip
-        if processes > 1:  # every rank needs the whole round's outcome
-            outcome = merged(all_gather_objects(outcome))
-        elif args.world_size > 1:  # sharded: each rank saw its part of every batch, and under ZeRO-3 its shards
-            outcome["losses"] = {cid: all_reduce_scalar(v) / args.world_size for cid, v in outcome["losses"].items()}
-            if self.strategy.sharded:
-                outcome.update(bytes_up=int(all_reduce_scalar(outcome["bytes_up"])),
-                               bytes_down=int(all_reduce_scalar(outcome["bytes_down"])))  # fmt: skip
-        accepted = set(outcome["accepted"])
-        kept = [cid for cid in client_ids if cid in accepted]
-        if len(kept) < args.min_clients_per_round:
-            self._abandon_round(round_number, len(client_ids), outcome["failed"], outcome["rejected"])
-        state.global_step = round_number * steps_per_round
-        logs = {
-            "round": round_number,
-            "train_loss": float(np.mean([outcome["losses"][cid] for cid in kept])),
-            "learning_rate": runner.last_learning_rate,
-            "num_clients": len(kept),
-        }
-        if outcome["failed"] or outcome["rejected"]:
-            logs["num_clients_dropped"] = len(outcome["failed"]) + len(outcome["rejected"])
-        if args.dp_noise_multiplier is not None:
-            logs["dp_epsilon"] = self.privacy_spent(round_number)
-        self.control = call_federated_event(
-            self.callback_handler, "on_round_end", args, state, self.control,
-            round=round_number, model=self.model, metrics=logs,
-        )  # fmt: skip
-        logs.update(bytes_up=outcome["bytes_up"], bytes_down=outcome["bytes_down"])
-        return logs
-
-    def client_plan(self, round_number: int, position: int, steps_per_round: int) -> dict:
-        """How the client at `position` in round `round_number`'s sample trains: its seed, and where its steps lie on
-        the run's learning-rate schedule (`ClientRunner.train`'s keyword arguments)."""
-        return dict(
-            seed=self.args.seed + (round_number - 1) * len(self.client_datasets) + position,
-            offset=(round_number - 1) * steps_per_round,
-            schedule_steps=self.state.max_steps,
-        )
-
-    def _train_clients(self, round_number: int, client_ids: list, runner: ClientRunner, steps_per_round: int):
-        """Train this process's share of the round's clients on the live model; (losses by client, failed ids)."""
-        args, state = self.args, self.state
-        losses, failed = {}, []
-        processes, process = (args.world_size, args.process_index) if is_client_parallel(args) else (1, 0)
-        for position in share_of(range(len(client_ids)), process, processes):  # the others train on other ranks
-            client_id = client_ids[position]
-            dataset = self.client_datasets[client_id]
-            event = dict(client_id=client_id, model=self.model, num_examples=len(dataset))
-            self.control = call_federated_event(
-                self.callback_handler, "on_client_begin", args, state, self.control, **event
-            )
-            try:
-                output = runner.train(dataset, client_id, **self.client_plan(round_number, position, steps_per_round))
-            except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
-                if processes == 1 and args.world_size > 1:  # sharded: the other ranks are inside this client's steps
-                    raise self._sharded_client_failure(round_number, client_id, err) from err
-                logger.warning(
-                    f"Round {round_number}: client {client_id!r} failed and is dropped from the round: "
-                    f"{type(err).__name__}: {err}"
-                )
-                failed.append(client_id)
-                runner.release()
-                continue
-            losses[client_id] = output.training_loss
-            self.control = call_federated_event(
-                self.callback_handler, "on_client_end", args, state, self.control,
-                **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
-            )  # fmt: skip
-            runner.release()
-        return losses, failed
-
-    def _sharded_client_failure(self, round_number: int, client_id, err: Exception) -> RuntimeError:
-        """The error that stops a sharded (DeepSpeed) run when a client's training raised on this rank.
-
-        Every rank trains every client together, so the other ranks are inside the same steps, waiting in a
-        collective this rank will not join: the client cannot be dropped as in one process. This rank raises at
-        once; its exit closes its connections, so the others fail in their pending collective (and the launcher
-        ends them) instead of waiting for the process-group timeout."""
-        args = self.args
-        return RuntimeError(
-            f"Round {round_number}: the training of client {client_id!r} raised on rank {args.process_index} of "
-            f"{args.world_size}: {type(err).__name__}: {err}. Under DeepSpeed every rank trains every client "
-            "together, so a client that fails on one rank cannot be dropped: the run stops. Fix the client's "
-            "data (or memory), then continue from the last round checkpoint with "
-            "trainer.train(resume_from_checkpoint=True)."
-        )
-
     def privacy_spent(self, rounds: int) -> float:
         """Client-level epsilon at `args.dp_delta` after `rounds` DP-FedAvg rounds (opacus's RDP accountant)."""
         args = self.args
         sample_rate = args.clients_sampled_per_round / args.num_clients
         return dp_epsilon(args.dp_noise_multiplier, sample_rate, rounds, args.dp_delta)
-
-    def _abandon_round(self, round_number: int, sampled: int, failed: list, rejected: list) -> None:
-        """Too few clients finished: put the last global model back, checkpoint it, and stop with an error."""
-        self.strategy.restore_global(self.model)
-        saved = self.save_round_checkpoint()
-        raise RuntimeError(
-            f"Round {round_number}: only {sampled - len(failed) - len(rejected)} of {sampled} clients gave a usable "
-            f"update (failed: {failed}, rejected for NaN/Inf: {rejected}), fewer than min_clients_per_round="
-            f"{self.args.min_clients_per_round}. The global model after round {round_number - 1} is saved in "
-            f"{saved}; fix the failing clients and continue with trainer.train(resume_from_checkpoint=True), or "
-            "lower min_clients_per_round."
-        )
 
     def save_round_checkpoint(self) -> str:
         """Write `output_dir/round-N` for the last finished round N: the merged global model (a plain

@@ -179,13 +179,13 @@ def test_a_flora_client_on_its_own_machine_catches_up_with_the_rounds_it_missed(
         model=build(), args=make_config(**config), client_datasets=CLIENTS,
         peft_config=lora_config(targets), client_peft_configs=[2, 4, 8], callbacks=[probe := Probe()],
     )  # fmt: skip
-    messages, outgoing = [], trainer.aggregation.outgoing
+    messages, server_message = [], trainer.strategy.server_message
 
     def recorded(cid):  # a copy, as a transport would send: the folded base is a view of the live weights
-        messages.append((cid, {k: t.clone() for k, t in outgoing(cid).items()}))
+        messages.append((cid, {k: t.clone() for k, t in server_message(cid).items()}))
         return messages[-1][1]
 
-    trainer.aggregation.outgoing = recorded
+    trainer.strategy.server_message = recorded
     trainer.train()
     node = FederatedTrainer(
         model=build(), args=make_config(**config), client_datasets=CLIENTS,

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, tensor_record
+from fed_trainer.round import ClientPlan, remote_update
 
 # load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
 DataLoader = Callable[[Context], tuple[object, Dataset]]
@@ -36,16 +37,10 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
         raise ValueError(f"client {client_id!r} now has {len(dataset)} examples, not the {sizes[client_id]} it had.")
     clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in sizes.items()}
     trainer = build_trainer(context, clients)
-    strategy = trainer.strategy
-    strategy.begin_round(config["round"])  # fresh LoRA factors are seeded by round
-    message = content["arrays"].to_torch_state_dict()
+    plan = ClientPlan(seed=config["seed"], offset=config["offset"], schedule_steps=config["schedule-steps"])
     kept = context.state[KEPT].to_torch_state_dict() if KEPT in context.state else {}
-    kept = strategy.catch_up(trainer.model, message, kept)
-    strategy.load_client(trainer.model, message, client_id)
-    output = trainer.client_runner.train(
-        dataset, client_id, seed=config["seed"], offset=config["offset"], schedule_steps=config["schedule-steps"]
-    )
-    payload = strategy.client_payload(trainer.model, client_id)
+    message = content["arrays"].to_torch_state_dict()
+    payload, output, kept = remote_update(trainer, config["round"], client_id, dataset, message, plan, kept)
     if kept:  # kept by the SuperNode for this node's next round of the run (lost if the SuperNode restarts)
         context.state[KEPT] = tensor_record(kept)
     metrics = MetricRecord({"train-loss": float(output.training_loss), "num-examples": len(dataset)})

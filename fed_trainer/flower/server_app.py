@@ -7,6 +7,7 @@ checkpoints and merged-model saving. Only the clients' local training happens el
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -15,7 +16,7 @@ from transformers.utils import logging
 
 from fed_trainer.cli import train_save_evaluate
 from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, roster, tensor_record
-from fed_trainer.trainer import FederatedTrainer
+from fed_trainer.round import Round
 
 logger = logging.get_logger(__name__)
 
@@ -53,7 +54,7 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict:
 
 
 class GridClients:
-    """`FederatedTrainer.remote_clients` under a ServerApp: each round's clients train on their SuperNodes at once.
+    """The round's clients train on their SuperNodes, all at once (a `ClientExecutor`).
 
     A client whose SuperNode fails or does not answer within `timeout` seconds is dropped from the round, as a
     client that raises is in the simulation (`min_clients_per_round` then decides whether the round stands).
@@ -62,32 +63,27 @@ class GridClients:
     def __init__(self, grid: Grid, nodes: dict, timeout: float) -> None:
         self.grid, self.nodes, self.timeout = grid, nodes, timeout
 
-    def train(self, trainer: FederatedTrainer, round_number: int, client_ids: list, steps_per_round: int):
-        """Send every client its message and plan, aggregate the replies in client order; (losses, failed ids)."""
-        aggregation, everyone = trainer.aggregation, roster(trainer)
+    def train(self, round: Round) -> None:
+        """Send every client its message and plan, hand the replies to the round in client order."""
+        everyone = roster(round.trainer)
         messages = []
-        for position, client_id in enumerate(client_ids):
-            plan = trainer.client_plan(round_number, position, steps_per_round)
+        for position, client_id in enumerate(round.client_ids):
+            plan = dataclasses.asdict(round.plan(position))
             config = ConfigRecord(
-                {"round": round_number, "client-id": client_id, "seed": plan["seed"], "offset": plan["offset"],
+                {"round": round.number, "client-id": client_id, "seed": plan["seed"], "offset": plan["offset"],
                  "schedule-steps": plan["schedule_steps"], **everyone}
             )  # fmt: skip
-            content = RecordDict({"arrays": tensor_record(aggregation.outgoing(client_id)), "config": config})
+            content = RecordDict({"arrays": tensor_record(round.message(client_id)), "config": config})
             node = self.nodes[client_id]
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
-        losses, failed = {}, []
-        for client_id in client_ids:
+        for client_id in round.client_ids:
             reply = replies.get(self.nodes[client_id])
             if reply is None or reply.has_error():
-                why = f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason
-                why = f"client {client_id!r} failed and is dropped from the round: {why}"
-                logger.warning(f"Round {round_number}: {why}")
-                failed.append(client_id)
+                round.drop(client_id, f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason)
                 continue
-            losses[client_id] = float(reply.content["metrics"]["train-loss"])
-            aggregation.incoming(client_id, reply.content["arrays"].to_torch_state_dict())
-        return losses, failed
+            payload = reply.content["arrays"].to_torch_state_dict()
+            round.receive(client_id, payload, float(reply.content["metrics"]["train-loss"]))
 
 
 def server_app(build_trainer: TrainerBuilder) -> ServerApp:
@@ -105,7 +101,7 @@ def server_app(build_trainer: TrainerBuilder) -> ServerApp:
         timeout = float(context.run_config.get("round-timeout", 600))
         clients = discover_clients(grid, int(context.run_config["num-clients"]), timeout)
         trainer = build_trainer(context, {cid: RemoteClient(n) for cid, (_, n) in clients.items()})
-        trainer.remote_clients = GridClients(grid, {cid: node for cid, (node, _) in clients.items()}, timeout)
+        trainer.client_executor = GridClients(grid, {cid: node for cid, (node, _) in clients.items()}, timeout)
         train_save_evaluate(trainer)
 
     return app
