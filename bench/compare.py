@@ -82,8 +82,8 @@ STRATEGY = {
 # galore_shared keeping each projector 4 rounds (picked after round 1: one for rounds 2-5), without and with
 # averaged Adam moments: the ablation that says whether averaging the moments helps
 OPTIONS = {
-    "galore_shared_r4": dict(galore_refresh_rounds=4),
-    "galore_shared_r4_moments": dict(galore_refresh_rounds=4, galore_average_moments=True),
+    "galore_shared_r4": dict(strategy_kwargs={"refresh_rounds": 4}),
+    "galore_shared_r4_moments": dict(strategy_kwargs={"refresh_rounds": 4, "average_moments": True}),
 }
 
 

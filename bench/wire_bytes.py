@@ -23,7 +23,7 @@ METHODS = {
     "galore_fedavg": f"{RECIPES / 'galore_fedavg.yaml'}",
     "galore_lowrank": f"{RECIPES / 'galore_lowrank.yaml'}",
     "galore_shared (new projector each round)": f"{RECIPES / 'galore_shared.yaml'}",
-    "galore_shared (projector kept)": f"{RECIPES / 'galore_shared.yaml'} --galore_refresh_rounds 4",
+    "galore_shared (projector kept)": f"{RECIPES / 'galore_shared.yaml'} --strategy_kwargs '{{\"refresh_rounds\":4}}'",
     "fedit": "--strategy fedit",
     "ffa_lora": "--strategy ffa_lora",
     "flexlora (ranks 4, 8)": "--strategy flexlora --lora_ranks 4 8",

@@ -8,15 +8,24 @@ strategy's own state, the run's progress and log history, and the RNG states. A 
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from peft import PeftModel
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import TrainerState
+
+    from fed_trainer.strategies import Strategy
 
 PREFIX = "round-"
 STATE_FILE = "federated_state.pt"
@@ -83,3 +92,50 @@ def restore_rng_states(states: dict) -> None:
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached CPU copies, so the checkpoint does not alias the live model."""
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The class of the model under any PEFT wrapper."""
+    return type(model.get_base_model() if isinstance(model, PeftModel) else model).__name__
+
+
+def federated_state(
+    model: nn.Module, strategy: Strategy, model_state: dict, strategy_state: dict, progress: dict, state: TrainerState
+) -> dict:
+    """The contents of `federated_state.pt` after the round `progress["round"]`."""
+    return {
+        "format": FORMAT,
+        "round": progress["round"],
+        "strategy": strategy.name,
+        "model_class": model_class_name(model),
+        "model": cpu_state(model_state),
+        "strategy_state": strategy_state,
+        "progress": copy.deepcopy(progress),
+        "log_history": copy.deepcopy(state.log_history),
+        "rng": rng_states(),
+    }
+
+
+def load_round_checkpoint(path: Path, model: nn.Module, strategy: Strategy) -> dict:
+    """Load the round checkpoint in `path` into the live `model` and `strategy`, restore the RNG states, and return
+    its contents (progress, log history); refuse one written by another strategy or for another model, before
+    anything is changed."""
+    checkpoint = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    if checkpoint["strategy"] != strategy.name:
+        raise ValueError(
+            f"{path} was written by a run with strategy {checkpoint['strategy']!r}, but this run uses "
+            f"{strategy.name!r}: resume with the same strategy, or start a new run in another output_dir."
+        )
+    saved, live = checkpoint["model"], model.state_dict()
+    differing = sorted(saved.keys() ^ live.keys())
+    if checkpoint["model_class"] != model_class_name(model) or differing:
+        raise ValueError(
+            f"{path} holds a {checkpoint['model_class']} whose weights do not match this {model_class_name(model)} "
+            f"(e.g. {differing[:3]}): resume with the model (and peft_config) of the checkpointed run."
+        )
+    try:
+        strategy.load_state_dict(model, checkpoint["strategy_state"], saved)
+    except RuntimeError as err:  # shapes differ
+        raise ValueError(f"{path} holds a model of other shapes than this one: {err}") from err
+    restore_rng_states(checkpoint["rng"])
+    return checkpoint

@@ -10,7 +10,7 @@ import yaml
 from peft import LoraConfig
 from transformers import HfArgumentParser
 
-from fed_trainer.strategies import get_strategy
+from fed_trainer.strategies.registry import strategy_class
 
 # Defaults every example shares (each adds its own model, data and federation sizes).
 EXAMPLE_DEFAULTS = dict(report_to="none", dataloader_pin_memory=False, eval_every_rounds=1, seed=42)
@@ -35,7 +35,7 @@ class LoraArguments:
 
     def peft_config(self, strategy: str, task_type: str | None = None) -> LoraConfig | None:
         """The LoRA config for a LoRA strategy, None for full-weight ones."""
-        if not get_strategy(strategy).uses_lora:
+        if not strategy_class(strategy).capabilities.lora:
             return None
         return LoraConfig(
             task_type=task_type,

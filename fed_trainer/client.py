@@ -22,11 +22,13 @@ def _shifted(lr_lambda, offset: int, step: int) -> float:
     return lr_lambda(step + offset)
 
 
-class ClientTrainer(Trainer):
-    """The `Trainer` that runs every client's local steps on the one shared model.
+class ClientTrainerMixin:
+    """What makes a `Trainer` (or a subclass of it) run every client's local steps on the one shared model.
 
     Its learning-rate schedule is a window of the schedule of the whole federated run: steps
     `[offset, offset + local steps)` of `schedule_steps` in all. Its optimizer is created anew for every client.
+    Mixed in front of the client trainer class (`client_trainer_class`), so a subclass's own `compute_loss`,
+    `training_step` or data preparation runs unchanged.
     """
 
     schedule_offset: int = 0
@@ -85,6 +87,16 @@ class ClientTrainer(Trainer):
         return self.lr_scheduler
 
 
+@functools.cache
+def client_trainer_class(base: type[Trainer]) -> type[Trainer]:
+    """The class a client trains with: `base` (`Trainer` or a subclass) with `ClientTrainerMixin` in front."""
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise TypeError(f"client_trainer_cls must be transformers.Trainer or a subclass of it, got {base!r}.")
+    if issubclass(base, ClientTrainerMixin):
+        return base
+    return type(f"Client{base.__name__}", (ClientTrainerMixin, base), {"__module__": base.__module__})
+
+
 def client_training_args(args: FederatedConfig) -> TrainingArguments:
     """The outer config as plain `TrainingArguments` for one local run: no saving, eval, logging or reports."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -112,10 +124,14 @@ def local_steps_for(args: FederatedConfig, num_examples: int) -> int:
 
 
 class ClientRunner:
-    """Builds the inner `ClientTrainer` once and trains one client at a time on the shared model."""
+    """Builds the inner client trainer once and trains one client at a time on the shared model.
+
+    The client trainer is an instance of `client_trainer_class(outer.client_trainer_cls)`; `outer.client_callbacks`
+    are added to it (they see every client's local steps, like callbacks of a plain `Trainer` run).
+    """
 
     def __init__(self, outer: Trainer) -> None:
-        self.trainer = ClientTrainer(
+        self.trainer = client_trainer_class(outer.client_trainer_cls)(
             model=outer.model,
             args=client_training_args(outer.args),
             data_collator=outer.data_collator,
@@ -125,13 +141,11 @@ class ClientRunner:
         )
         self.trainer.pop_callback(PrinterCallback)
         self.trainer.pop_callback(ProgressCallback)
-        if type(outer).compute_loss is not Trainer.compute_loss:
-            self.trainer.compute_loss = outer.compute_loss
         self.last_learning_rate = outer.args.learning_rate
         self.progress = ClientStepProgressCallback()
         if not outer.args.disable_tqdm:
             self.trainer.add_callback(self.progress)
-        for callback in outer.strategy.client_callbacks():
+        for callback in [*outer.strategy.client_callbacks(), *outer.client_callbacks]:
             self.trainer.add_callback(callback)
         if self.trainer.is_deepspeed_enabled:  # the one engine, built before any client (ZeRO-3 partitions here)
             self.trainer._prepare_for_training(self.trainer.schedule_steps, None, None)

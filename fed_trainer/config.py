@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
 from fed_trainer.distributed import launched_with
+from fed_trainer.strategies.registry import get_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,13 @@ class FederatedConfig(TrainingArguments):
     strategy: str = field(
         default="fedavg", metadata={"help": "Aggregation strategy, a name from `fed_trainer.available_strategies()`."}
     )
+    strategy_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "The strategy's own options, passed to its constructor: a dict, or a JSON string on the command "
+            "line, e.g. '{\"refresh_rounds\": 4}' for galore_shared (docs/methods.md lists each strategy's)."
+        },
+    )
     partition: str = field(
         default="iid",
         metadata={"help": "How train_dataset is split: 'iid', 'dirichlet', 'shards', or 'column:<name>'."},
@@ -122,19 +131,11 @@ class FederatedConfig(TrainingArguments):
         },
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "The delta at which the privacy spent is reported."})
-    galore_refresh_rounds: int = field(
-        default=1,
-        metadata={
-            "help": "strategy='galore_shared': rounds a shared projector is kept before the server picks the next "
-            "one from the clients' gradient sketches."
-        },
+    galore_refresh_rounds: int | None = field(
+        default=None, metadata={"help": "Deprecated: strategy_kwargs={'refresh_rounds': N} (galore_shared)."}
     )
-    galore_average_moments: bool = field(
-        default=False,
-        metadata={
-            "help": "strategy='galore_shared': average the clients' projected Adam moments on the server and start "
-            "the next round's clients from them while the projector is kept (needs galore_refresh_rounds > 1)."
-        },
+    galore_average_moments: bool | None = field(
+        default=None, metadata={"help": "Deprecated: strategy_kwargs={'average_moments': True} (galore_shared)."}
     )
     min_clients_per_round: int = field(
         default=1,
@@ -143,6 +144,10 @@ class FederatedConfig(TrainingArguments):
             "were rejected) stops the run with an error after saving a checkpoint of the last finished round."
         },
     )
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "strategy_kwargs"]  # JSON strings become dicts
+    # deprecated field -> the strategy option it stands for (the fields go in the release after next)
+    _DEPRECATED_OPTIONS = {"galore_refresh_rounds": "refresh_rounds", "galore_average_moments": "average_moments"}
 
     @property
     def clients_sampled_per_round(self) -> int:
@@ -188,12 +193,8 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(f"client_weighting must be one of {CLIENT_WEIGHTINGS}, got {self.client_weighting!r}.")
         if self.eval_every_rounds < 0 or self.save_every_rounds < 0:
             raise ValueError("eval_every_rounds and save_every_rounds must be >= 0 (0 turns the periodic run off).")
-        from fed_trainer.strategies.registry import available_strategies, unknown_strategy_message
-
-        if self.strategy not in available_strategies():
-            raise ValueError(unknown_strategy_message(self.strategy))
+        self._check_strategy()
         self._check_processes()
-        self._check_galore_shared()
         if self.max_steps > 0:
             logger.warning(
                 "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",
@@ -249,20 +250,21 @@ class FederatedConfig(TrainingArguments):
                 "one client's influence, and so the noise needed, is unbounded."
             )
 
-    def _check_galore_shared(self) -> None:
-        if self.galore_refresh_rounds < 1:
-            raise ValueError(f"galore_refresh_rounds must be at least 1, got {self.galore_refresh_rounds}.")
-        shared_only = self.galore_refresh_rounds != 1 or self.galore_average_moments
-        if shared_only and self.strategy != "galore_shared":
-            raise ValueError(
-                "galore_refresh_rounds and galore_average_moments apply to strategy='galore_shared' only, not "
-                f"{self.strategy!r}: set strategy='galore_shared' or leave them at their defaults."
-            )
-        if self.galore_average_moments and self.galore_refresh_rounds == 1:
-            raise ValueError(
-                "galore_average_moments needs galore_refresh_rounds > 1: the averaged moments live in the "
-                "coordinates of one projector, which galore_refresh_rounds=1 replaces every round."
-            )
+    def _check_strategy(self) -> None:
+        """Take the deprecated option fields into `strategy_kwargs`, then build the strategy once, so that an
+        unknown name or a bad option fails here and not when the trainer is built."""
+        self.strategy_kwargs = dict(self.strategy_kwargs or {})
+        for old, option in self._DEPRECATED_OPTIONS.items():
+            value = getattr(self, old)
+            if value is not None:
+                warnings.warn(
+                    f"FederatedConfig.{old} is deprecated and goes in the release after next: pass "
+                    f"strategy_kwargs={{{option!r}: {value!r}}} instead.",
+                    FutureWarning,
+                    stacklevel=4,
+                )
+                self.strategy_kwargs.setdefault(option, value)
+        get_strategy(self.strategy, **self.strategy_kwargs)
 
     def _check_galore(self) -> None:
         optim = str(getattr(self.optim, "value", self.optim))

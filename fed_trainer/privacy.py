@@ -33,6 +33,12 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: 
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
+def privacy_spent(args, rounds: int) -> float:
+    """Client-level epsilon at `args.dp_delta` after `rounds` DP-FedAvg rounds of the run configured by `args`."""
+    sample_rate = args.clients_sampled_per_round / args.num_clients
+    return dp_epsilon(args.dp_noise_multiplier, sample_rate, rounds, args.dp_delta)
+
+
 DP_STREAM = 0x0D9  # tells the noise's random stream apart from the run's other streams drawn from the seed
 
 

@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from fed_trainer.callbacks import call_federated_event
 from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
+from fed_trainer.privacy import privacy_spent
 from fed_trainer.zero import reload_partitions
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class Round:
         if outcome["failed"] or outcome["rejected"]:
             logs["num_clients_dropped"] = len(outcome["failed"]) + len(outcome["rejected"])
         if self.args.dp_noise_multiplier is not None:
-            logs["dp_epsilon"] = self.trainer.privacy_spent(self.number)
+            logs["dp_epsilon"] = privacy_spent(self.args, self.number)
         self.event("on_round_end", round=self.number, model=model, metrics=logs)
         return {**logs, "bytes_up": outcome["bytes_up"], "bytes_down": outcome["bytes_down"]}
 
@@ -168,17 +169,26 @@ class Round:
         return outcome
 
     def abandon(self, outcome: dict) -> None:
-        """Too few clients gave a usable update: put the last global model back, checkpoint it, and stop."""
-        self.strategy.restore_global(self.trainer.model)
-        saved = self.trainer.save_round_checkpoint()
+        """Too few clients gave a usable update: put the last global model back, checkpoint it, and stop (a
+        strategy that cannot undo a round, `capabilities.undo_round`, stops without a new checkpoint)."""
         failed, rejected = outcome["failed"], outcome["rejected"]
         sampled = len(self.client_ids)
-        raise RuntimeError(
+        why = (
             f"Round {self.number}: only {sampled - len(failed) - len(rejected)} of {sampled} clients gave a usable "
             f"update (failed: {failed}, rejected for NaN/Inf: {rejected}), fewer than min_clients_per_round="
-            f"{self.args.min_clients_per_round}. The global model after round {self.number - 1} is saved in "
-            f"{saved}; fix the failing clients and continue with trainer.train(resume_from_checkpoint=True), or "
-            "lower min_clients_per_round."
+            f"{self.args.min_clients_per_round}."
+        )
+        if not self.strategy.capabilities.undo_round:
+            raise RuntimeError(
+                f"{why} Strategy {self.strategy.name!r} cannot undo a round, so the live model is not the last "
+                "global model: continue from the last round checkpoint with trainer.train(resume_from_checkpoint="
+                "True) after fixing the failing clients, or lower min_clients_per_round."
+            )
+        self.strategy.restore_global(self.trainer.model)
+        saved = self.trainer.save_round_checkpoint()
+        raise RuntimeError(
+            f"{why} The global model after round {self.number - 1} is saved in {saved}; fix the failing clients and "
+            "continue with trainer.train(resume_from_checkpoint=True), or lower min_clients_per_round."
         )
 
 

@@ -120,3 +120,22 @@ def whole_copy(model: nn.Module, state_dict: dict) -> nn.Module:
         copy = type(model)(model.config)
     copy.load_state_dict(state_dict)
     return copy
+
+
+def share_engine(trainer) -> None:
+    """Under DeepSpeed, let the outer `FederatedTrainer` evaluate and save with the clients' one engine (built by its
+    `client_runner`) instead of building a second; under ZeRO-3, hand the partitioned model to the strategy. Nothing
+    to do without DeepSpeed."""
+    engine = trainer.client_runner.engine
+    if engine is None:
+        return
+    trainer.deepspeed = trainer.model_wrapped = engine
+    trainer.accelerator.deepspeed_config = trainer.client_runner.trainer.accelerator.deepspeed_config
+    if holds_shards(trainer.model):
+        if not engine.zero_gather_16bit_weights_on_model_save():
+            raise ValueError(
+                "Under ZeRO-3 FederatedTrainer saves round checkpoints and the merged model from weights gathered on "
+                "the main process: set zero_optimization.stage3_gather_16bit_weights_on_model_save to true in the "
+                "DeepSpeed config (recipes/deepspeed/zero3.json does)."
+            )
+        trainer.strategy.on_model_sharded(trainer.model)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fed_trainer import FederatedCallback, FederatedTrainer
 
@@ -240,3 +240,47 @@ def test_local_epochs_train_each_client_over_its_own_shard(make_config):
     assert steps == [2, 6, 2, 6]
     # the schedule runs over the longest client's steps per round
     assert output.global_step == 12 and trainer.state.max_steps == 12
+
+
+class FrozenLossTrainer(Trainer):
+    """A user's Trainer subclass with its own compute_loss: the loss times zero, so no gradient reaches a weight
+    (with weight decay 0, AdamW then leaves every weight exactly where the client started, and the average of the
+    clients' weights is the start up to float32 rounding)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        return (loss * 0.0, outputs) if return_outputs else loss * 0.0
+
+
+class LocalSteps(TrainerCallback):
+    def __init__(self):
+        self.runs, self.steps = 0, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.runs += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("client_trainer_cls", [Trainer, FrozenLossTrainer])
+def test_clients_train_with_the_user_trainer_class_and_callbacks(make_config, client_trainer_cls):
+    start = tiny_bert(dropout=0.0).state_dict()
+    local = LocalSteps()
+    trainer = FederatedTrainer(
+        model=tiny_bert(dropout=0.0), args=make_config(num_rounds=2, local_steps=3, weight_decay=0.0),
+        client_datasets=[toy_dataset(16, seed=s) for s in range(3)],
+        client_trainer_cls=client_trainer_cls, client_callbacks=[local],
+    )  # fmt: skip
+    trainer.train()
+    assert type(trainer.client_runner.trainer).__mro__[2] is client_trainer_cls
+    assert (local.runs, local.steps) == (2 * 3, 2 * 3 * 3)  # every client's local training, every step
+    moved = max((v - start[k]).abs().max().item() for k, v in trainer.model.state_dict().items())
+    assert moved < 1e-6 if client_trainer_cls is FrozenLossTrainer else moved > 1e-3, moved
+
+
+def test_a_client_trainer_class_must_be_a_trainer(make_config):
+    with pytest.raises(TypeError, match="client_trainer_cls must be transformers.Trainer or a subclass"):
+        FederatedTrainer(
+            model=tiny_bert(), args=make_config(), client_datasets=[toy_dataset(8)], client_trainer_cls=object
+        )

@@ -195,13 +195,13 @@ def test_galore_shared_clients_train_in_the_servers_subspace_and_the_aggregate_i
                 assert 0.99 < decay < 1.0, decay
                 torch.testing.assert_close(x_end, decay * x_start, atol=1e-5, rtol=0)
     moved = [probe.rounds[k]["projectors"][0][names[0]].ortho_matrix for k in (1, 2)]
-    assert not torch.allclose(moved[0], moved[1])  # a new projector each round (galore_refresh_rounds=1)
+    assert not torch.allclose(moved[0], moved[1])  # a new projector each round (refresh_rounds=1)
     rounds = [e for e in trainer.state.log_history if "round" in e]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"] - 0.05
 
 
 def test_galore_shared_bytes_are_r_per_projected_weight_and_the_projectors_go_down(make_config):
-    trainer, probe, names = shared_run(make_config, num_rounds=3, galore_refresh_rounds=2)
+    trainer, probe, names = shared_run(make_config, num_rounds=3, strategy_kwargs={"refresh_rounds": 2})
     fedavg, _, _ = shared_run(make_config, num_rounds=1)
     shapes = [dict(tiny_bert().named_parameters())[n].shape for n in names]
     dense = sum(4 * m * n for m, n in shapes)
@@ -220,7 +220,8 @@ def test_galore_shared_bytes_are_r_per_projected_weight_and_the_projectors_go_do
 
 def test_galore_shared_averages_the_projected_moments_while_the_projector_is_kept(make_config):
     # projectors picked after rounds 1 and 4: rounds 2-4 share one, so round 2's and 3's moments are averaged
-    _, probe, names = shared_run(make_config, num_rounds=4, galore_refresh_rounds=3, galore_average_moments=True)
+    options = {"refresh_rounds": 3, "average_moments": True}
+    _, probe, names = shared_run(make_config, num_rounds=4, strategy_kwargs=options)
     first, second, third, fourth = probe.rounds
     assert not first["server_moments"] and not fourth["server_moments"]  # none across a change of projector
     assert all(moments == [None] * len(names) for moments in first["start_moments"] + second["start_moments"])
@@ -240,15 +241,26 @@ def test_galore_shared_averages_the_projected_moments_while_the_projector_is_kep
 
 
 def test_galore_shared_options_are_checked(make_config):
-    with pytest.raises(ValueError, match="needs galore_refresh_rounds > 1"):
-        make_config(strategy="galore_shared", galore_average_moments=True)
-    with pytest.raises(ValueError, match="apply to strategy='galore_shared' only"):
-        make_config(strategy="fedavg", galore_refresh_rounds=3)
+    with pytest.raises(ValueError, match="average_moments needs refresh_rounds > 1"):
+        make_config(strategy="galore_shared", strategy_kwargs={"average_moments": True})
+    with pytest.raises(ValueError, match="refresh_rounds must be an integer of at least 1"):
+        make_config(strategy="galore_shared", strategy_kwargs='{"refresh_rounds": 0}')  # as from the command line
+    with pytest.raises(ValueError, match=r"\['refresh_rounds'\] are not options of strategy 'fedavg'"):
+        make_config(strategy="fedavg", strategy_kwargs={"refresh_rounds": 3})
+
+
+def test_the_old_galore_shared_fields_still_work_with_a_deprecation_warning(make_config):
+    advice = r"galore_refresh_rounds is deprecated.*strategy_kwargs=\{'refresh_rounds': 3\}"
+    with pytest.warns(FutureWarning, match=advice):
+        old_fields = dict(galore_refresh_rounds=3, galore_average_moments=True)
+        trainer = galore_trainer(make_config, strategy="galore_shared", **old_fields)
+    assert trainer.args.strategy_kwargs == {"refresh_rounds": 3, "average_moments": True}
+    assert (trainer.strategy.refresh_rounds, trainer.strategy.average_moments) == (3, True)
 
 
 def test_galore_shared_resumes_with_its_projectors_and_moments(make_config, tmp_path):
     # the round-2 checkpoint holds round 3's projector (picked after round 1) and round 2's averaged moments
-    config = dict(num_rounds=3, galore_refresh_rounds=2, galore_average_moments=True, save_every_rounds=1)
+    config = dict(num_rounds=3, strategy_kwargs={"refresh_rounds": 2, "average_moments": True}, save_every_rounds=1)
     whole, probe, _ = shared_run(make_config, **config)
     assert probe.rounds[1]["server_moments"]
     resumed = galore_trainer(make_config, strategy="galore_shared", output_dir=str(tmp_path / "resumed"), **config)

@@ -299,14 +299,17 @@ def test_lora_strategies_refuse_what_they_cannot_do(make_config):
     lora = lora_config(["query", "value"])
     with pytest.raises(ValueError, match="trains LoRA adapters: pass peft_config"):
         FederatedTrainer(model=tiny_bert(), args=make_config(strategy="fedit"), client_datasets=data)
-    with pytest.raises(ValueError, match="averages full weights and takes no peft_config"):
+    with pytest.raises(ValueError, match="averages full weights and takes no peft_config: choose a LoRA strategy"):
         FederatedTrainer(model=tiny_bert(), args=make_config(), client_datasets=data, peft_config=lora)
     with pytest.raises(ValueError, match="model is a PeftModel but strategy 'fedavg'"):
         from peft import get_peft_model
 
         FederatedTrainer(model=get_peft_model(tiny_bert(), lora), args=make_config(), client_datasets=data)
     for strategy in ("fedit", "ffa_lora", "fedex_lora"):
-        with pytest.raises(ValueError, match="use strategy='flexlora' or 'flora' for heterogeneous ranks"):
+        others = (
+            r"does not support clients of different LoRA ranks; strategies that support it: \['flexlora', 'flora'\]"
+        )
+        with pytest.raises(ValueError, match=others):
             FederatedTrainer(
                 model=tiny_bert(), args=make_config(strategy=strategy), client_datasets=data,
                 peft_config=lora, client_peft_configs=[2, 4],

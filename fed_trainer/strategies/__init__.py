@@ -1,6 +1,7 @@
 """Aggregation strategies, one file per method, behind a registry."""
 
 from fed_trainer.strategies.base import Strategy, TensorDict, tensor_bytes
+from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
 from fed_trainer.strategies.fedex_lora import FedExLoRA
 from fed_trainer.strategies.fedit import FedIT
@@ -13,6 +14,7 @@ from fed_trainer.strategies.lora import LoraStrategy
 from fed_trainer.strategies.registry import available_strategies, get_strategy, register_strategy
 
 __all__ = [
+    "Capabilities",
     "FFALoRA",
     "FLoRA",
     "FedAvg",

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
+from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.zero import load_whole_state
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -35,7 +38,9 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
-    uses_lora: ClassVar[bool] = False
+    title: ClassVar[str] = ""  # the method's name in prose and in generated tables
+    capabilities: ClassVar[Capabilities] = Capabilities()  # checked before any training (`check_capabilities`)
+    paper: ClassVar[tuple[str, str] | None] = None  # (title, arXiv id) of the method, for the model card
 
     def __init__(self) -> None:
         self.args: FederatedConfig | None = None
@@ -59,8 +64,10 @@ class Strategy(ABC):
 
     def on_model_sharded(self, model: nn.Module) -> None:
         """Called once DeepSpeed ZeRO-3 has partitioned `model`'s parameters over the ranks (before the first
-        round): take the global state again from the partitions."""
-        raise NotImplementedError(f"strategy {self.name!r} does not support DeepSpeed ZeRO-3.")
+        round): take the global state again from the partitions. Needed where `capabilities.zero3` is declared."""
+        raise NotImplementedError(
+            f"strategy {self.name!r} declares ZeRO-3 support but implements no on_model_sharded."
+        )
 
     @abstractmethod
     def server_message(self, client_id) -> TensorDict:
@@ -126,9 +133,7 @@ class Strategy(ABC):
     def restore_global(self, model: nn.Module) -> None:
         """Make the live `model` the global model of the last finished round again, undoing the training of this
         round's clients (used when a round is abandoned, before its checkpoint is written)."""
-        raise NotImplementedError(
-            f"strategy {self.name!r} does not implement restore_global, so an abandoned round cannot be undone."
-        )
+        raise NotImplementedError(f"strategy {self.name!r} declares undo_round but has no restore_global.")
 
     def traffic_bytes(self, tensors: TensorDict) -> int:
         """The bytes of a message or payload that this process accounts for. Under ZeRO-3 the trainer sums them

@@ -5,17 +5,20 @@ With `optim="galore_adamw"` the clients train with GaLore and this is "GaLore + 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.privacy import dp_noise_generator, private_average
 from fed_trainer.robust import clipped, robust_aggregate
 from fed_trainer.strategies.base import Strategy, TensorDict
+from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.registry import register_strategy
 from fed_trainer.zero import local_shard
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
 
 
 def trainable_state(model: nn.Module) -> TensorDict:
@@ -36,24 +39,16 @@ class FedAvg(Strategy):
     Subclasses narrow what is averaged with `averaged_state` and add their own tensors around it.
     """
 
-    # Whether `aggregation_rule`, `update_clip_norm` and DP apply: true where the aggregate is an entry-wise
-    # average of the payloads; false where it is built from products of factors, which those do not bound (and
-    # where the server uses each client's factors, not only their noised sum).
-    robust_rules: ClassVar[bool] = True
+    paper = ("Communication-Efficient Learning of Deep Networks from Decentralized Data", "1602.05629")
+
+    title = "FedAvg (full weights)"
+    capabilities = Capabilities(robust_rules=True, zero3=True, undo_round=True)
 
     def averaged_state(self, model: nn.Module) -> TensorDict:
         """The live tensors that are sent both ways and averaged with weights p_k."""
         return trainable_state(model)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
-        if not self.robust_rules and (args.aggregation_rule != "mean" or args.update_clip_norm is not None):
-            raise ValueError(
-                f"strategy {self.name!r} cannot use aggregation_rule={args.aggregation_rule!r}, update_clip_norm or "
-                "differential privacy: "
-                "its aggregate is built from products of LoRA factors, which a coordinate-wise rule or a clip of "
-                "the factors does not bound. Use 'fedavg', 'fedit' or 'ffa_lora' (FFA-LoRA's shared A makes "
-                "them exact), or aggregation_rule='mean' without update_clip_norm."
-            )
         model = super().setup(model, args)
         self._take_global_state(model)
         return model

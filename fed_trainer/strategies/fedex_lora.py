@@ -6,13 +6,12 @@ exactly sum_k p_k W_k. Uplink r(out+in) per layer; the downlink adds the dense b
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from fed_trainer.distributed import all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.lora import (
     ADAPTER,
     LoraStrategy,
@@ -27,7 +26,15 @@ from fed_trainer.zero import whole
 
 @register_strategy("fedex_lora")
 class FedExLoRA(LoraStrategy):
-    robust_rules: ClassVar[bool] = False
+    """FedIT's averaged factors, plus the residual sum p_k s B_k A_k - s B A folded into the base: exact."""
+
+    paper = (
+        "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation Models",
+        "2410.09432",
+    )
+
+    title = "FedEx-LoRA"
+    capabilities = Capabilities(lora=True, zero3=True, undo_round=True, folds_into_base=True)
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)

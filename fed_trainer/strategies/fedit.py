@@ -13,3 +13,6 @@ from fed_trainer.strategies.registry import register_strategy
 @register_strategy("fedit")
 class FedIT(LoraStrategy):
     """Averages every trainable tensor of the adapter model entry by entry, LoRA factors included."""
+
+    title = "FedIT"
+    paper = ("Towards Building the Federated GPT: Federated Instruction Tuning", "2305.05644")

@@ -15,6 +15,11 @@ from fed_trainer.strategies.registry import register_strategy
 
 @register_strategy("ffa_lora")
 class FFALoRA(LoraStrategy):
+    """A frozen and the same on every client (drawn from the seed), B averaged: exact, uplink r*out per layer."""
+
+    title = "FFA-LoRA"
+    paper = ("Improving LoRA in Privacy-preserving Federated Learning", "2403.12313")
+
     def prepare_adapter(self, model: nn.Module) -> None:
         generator = torch.Generator().manual_seed(self.args.seed)
         for layer in self.layers.values():

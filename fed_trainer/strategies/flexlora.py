@@ -25,6 +25,14 @@ from fed_trainer.zero import own_part, whole
 
 @register_strategy("flexlora")
 class FlexLoRA(StackedLoraStrategy):
+    """Keeps the exact global update sum p_k s_k B_k A_k; client k starts from its rank-r_k truncated SVD."""
+
+    title = "FlexLoRA"
+    paper = (
+        "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client Resources",
+        "2402.11505",
+    )
+
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -35,6 +35,14 @@ def round_of(prefix: str) -> int:
 
 @register_strategy("flora")
 class FLoRA(StackedLoraStrategy):
+    """Stacks the clients' fresh factors and folds sum p_k s_k B_k A_k into the base every round: exact."""
+
+    title = "FLoRA"
+    paper = (
+        "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank Adaptations",
+        "2409.05976",
+    )
+
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
         self.history: dict[int, TensorDict] = {}  # round -> the stacks folded into the base at its end

@@ -11,14 +11,19 @@ FedAvg does: the aggregate is FedAvg's, up to floating-point rounding. Other tra
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from fed_trainer.config import FederatedConfig
 from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
 from fed_trainer.strategies.registry import register_strategy
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
 
 # GaLore's one-sided projections (P on the left or Q on the right); proj_type "full" projects both sides
 ONE_SIDED = ("std", "reverse_std", "left", "right")
@@ -97,13 +102,15 @@ class ProjectedUpdates(TrainerCallback):
 class GaLoreLowRank(FedAvg):
     """FedAvg's aggregate from GaLore clients that send each projected weight as (c, P, R) per projector period."""
 
+    title = "GaLore + FedAvg, low-rank uplink"
+    capabilities = Capabilities(robust_rules=True, undo_round=True, local_optimizer="galore_adamw")
+    paper = (
+        "Why Gradient Subspace? Identifying and Mitigating LoRA's Bottlenecks in Federated Fine-Tuning of Large "
+        "Language Models",
+        "2410.23111",
+    )
+
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
-        optim = str(getattr(args.optim, "value", args.optim))
-        if optim != "galore_adamw":
-            raise ValueError(
-                f"strategy {self.name!r} sends GaLore's projected updates, so it needs optim='galore_adamw' (with "
-                f"optim_target_modules), got optim={optim!r}; use strategy='fedavg' for other optimizers."
-            )
         if galore_proj_type(args) not in ONE_SIDED:
             raise ValueError(
                 f"strategy {self.name!r} sends one-sided GaLore projections (W = c W + P R), but optim_args sets "

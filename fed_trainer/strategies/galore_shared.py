@@ -5,7 +5,7 @@ Exactness. With the projector P fixed for the whole round, a client's weight end
 `galore_lowrank`), so sum p_k W_k = (sum p_k c_k) W + P (sum p_k R_k): the server rebuilds and averages exactly.
 
 The projector rule, and why. Round 1: every client runs GaLore with its own projectors and sends what
-`galore_lowrank` sends (c, P, R per projector period). At the end of round 1, and every `galore_refresh_rounds`
+`galore_lowrank` sends (c, P, R per projector period). At the end of round 1, and every `refresh_rounds`
 rounds after, the server sets each targeted weight's projector to the top-r singular subspace of the
 sample-weighted average of the clients' mean gradients over that round, estimated from randomized sketches: a
 client sends G_k Omega (m x s, for a left projector) or Omega^T G_k (s x n, right), Omega a Gaussian matrix that
@@ -16,23 +16,27 @@ subspace of the previous round's aggregated update is not used: with a shared P 
 GaLore's strength is that it does. This is GaLore's own rule (top-r subspace of the current gradient) applied to
 the federation's average gradient.
 
-`galore_average_moments`: every client's projected Adam moments live in the coordinates of the same P, so the
+`average_moments`: every client's projected Adam moments live in the coordinates of the same P, so the
 server can average them (weighted like the weights) and start the next round's clients from the average instead
 of from zero (the direction of FedGaLore, arXiv 2602.01746); they are reset when a new projector is picked.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from galore_torch.galore_projector import GaLoreProjector
 from torch import nn
 
-from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_gather_objects, all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.galore_lowrank import GaLoreLowRank, ProjectedUpdates
 from fed_trainer.strategies.registry import register_strategy
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
 
 OVERSAMPLING = 10
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
@@ -118,7 +122,27 @@ class SharedProjection(ProjectedUpdates):
 
 @register_strategy("galore_shared")
 class GaLoreShared(GaLoreLowRank):
-    """GaLore + FedAvg with a projector per targeted weight that the server picks and every client shares."""
+    """GaLore + FedAvg with a projector per targeted weight that the server picks and every client shares.
+
+    Args:
+        refresh_rounds: rounds a shared projector is kept before the server picks the next one from the clients'
+            gradient sketches (1: a new one after every round).
+        average_moments: average the clients' projected Adam moments on the server and start the next round's
+            clients from them while the projector is kept (needs `refresh_rounds` > 1).
+    """
+
+    title = "GaLore + FedAvg, shared subspace"
+
+    def __init__(self, refresh_rounds: int = 1, average_moments: bool = False) -> None:
+        super().__init__()
+        if int(refresh_rounds) != refresh_rounds or refresh_rounds < 1:
+            raise ValueError(f"galore_shared's refresh_rounds must be an integer of at least 1, got {refresh_rounds}.")
+        if average_moments and refresh_rounds == 1:
+            raise ValueError(
+                "galore_shared's average_moments needs refresh_rounds > 1: the averaged moments live in the "
+                "coordinates of one projector, which refresh_rounds=1 replaces every round."
+            )
+        self.refresh_rounds, self.average_moments = int(refresh_rounds), bool(average_moments)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args, peft_configs)
@@ -135,12 +159,12 @@ class GaLoreShared(GaLoreLowRank):
     @property
     def sketching(self) -> bool:
         """Whether this round's clients sketch their gradients (the server picks new projectors after it)."""
-        return (self.round_number - 1) % self.args.galore_refresh_rounds == 0
+        return (self.round_number - 1) % self.refresh_rounds == 0
 
     @property
     def sends_moments(self) -> bool:
         """Whether this round's clients send their projected moments (averaged and kept for the next round)."""
-        return self.args.galore_average_moments and not self.sketching
+        return self.average_moments and not self.sketching
 
     def sketch_matrix(self, name: str, shape: torch.Size, side: str, rank: int) -> torch.Tensor:
         """Omega of weight `name` this round (n x s for a left projector, m x s for a right one), drawn from
@@ -207,7 +231,7 @@ class GaLoreShared(GaLoreLowRank):
                     continue
                 u, _, vh = torch.linalg.svd((sketch / mass).float(), full_matrices=False)
                 self.projectors[name] = (u[:, :rank] if side == "left" else vh[:rank]).contiguous()
-        elif self.args.galore_average_moments:
+        elif self.average_moments:
             self.moments = {key: (total / mass).float() for key, total in self._extras.items()}
             for key in [key for key in self.moments if key.endswith(".step")]:
                 self.moments[key] = self.moments[key].round().long()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,11 +20,14 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import transpose
 from torch import nn
 
-from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.strategies.base import TensorDict, tensor_bytes
+from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
 from fed_trainer.zero import add_whole, assign_whole, local_shard, whole
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
 
 ADAPTER = "default"
 # LoraConfig fields that may differ between clients; everything else must match.
@@ -103,8 +106,7 @@ class LoraStrategy(FedAvg):
     included, is averaged entry by entry. Subclasses change what travels and how the aggregate is applied.
     """
 
-    uses_lora: ClassVar[bool] = True
-    heterogeneous_ranks: ClassVar[bool] = False
+    capabilities = Capabilities(lora=True, robust_rules=True, zero3=True, undo_round=True)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         self.client_configs = self._checked_configs(peft_configs)
@@ -158,11 +160,6 @@ class LoraStrategy(FedAvg):
         """Hook run once on the freshly wrapped model, before the global state is taken from it."""
 
     def _checked_configs(self, peft_configs: dict | None) -> dict:
-        if not peft_configs:
-            raise ValueError(
-                f"strategy {self.name!r} trains LoRA adapters: pass peft_config=LoraConfig(...) (or "
-                "client_peft_configs=) to FederatedTrainer."
-            )
         first_id, first = next(iter(peft_configs.items()))
         for cid, config in peft_configs.items():
             if not isinstance(config, LoraConfig):
@@ -172,12 +169,6 @@ class LoraStrategy(FedAvg):
                     f"client {cid!r}'s LoraConfig differs from client {first_id!r}'s beyond {PER_CLIENT_FIELDS}: "
                     "clients must share target_modules, dropout and the other fields."
                 )
-        if not self.heterogeneous_ranks and any(config != first for config in peft_configs.values()):
-            ranks = sorted({config.r for config in peft_configs.values()})
-            raise ValueError(
-                f"strategy {self.name!r} needs the same LoraConfig on every client (ranks given: {ranks}); use "
-                "strategy='flexlora' or 'flora' for heterogeneous ranks."
-            )
         return dict(peft_configs)
 
     def scaling(self, client_id) -> float:
@@ -219,8 +210,7 @@ class StackedLoraStrategy(LoraStrategy):
     `left @ right = sum_k p_k s_k B_k A_k` exactly. Only the other trainables go through FedAvg.
     """
 
-    heterogeneous_ranks: ClassVar[bool] = True
-    robust_rules: ClassVar[bool] = False
+    capabilities = Capabilities(lora=True, heterogeneous_ranks=True, zero3=True, undo_round=True, folds_into_base=True)
 
     def restore_global(self, model: nn.Module) -> None:
         super().restore_global(model)

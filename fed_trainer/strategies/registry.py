@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 
 from fed_trainer.strategies.base import Strategy
@@ -25,6 +26,18 @@ def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     return decorator
 
 
+def strategy_classes() -> dict[str, type[Strategy]]:
+    """Every registered strategy class by name."""
+    return dict(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class registered as `name`."""
+    if name not in _REGISTRY:
+        raise ValueError(unknown_strategy_message(name))
+    return _REGISTRY[name]
+
+
 def available_strategies() -> list[str]:
     """Names accepted by `FederatedConfig.strategy`."""
     return sorted(_REGISTRY)
@@ -40,8 +53,18 @@ def unknown_strategy_message(name: str) -> str:
     )
 
 
-def get_strategy(name: str) -> Strategy:
-    """A new instance of the strategy registered as `name`."""
-    if name not in _REGISTRY:
-        raise ValueError(unknown_strategy_message(name))
-    return _REGISTRY[name]()
+def strategy_options(name: str) -> dict:
+    """The options of the strategy registered as `name` (its constructor's keyword arguments) and their defaults."""
+    parameters = list(inspect.signature(_REGISTRY[name].__init__).parameters.values())[1:]
+    return {p.name: p.default for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def get_strategy(name: str, **options) -> Strategy:
+    """A new instance of the strategy registered as `name`, built with its `options` (`strategy_kwargs`)."""
+    cls = strategy_class(name)
+    known = strategy_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"takes {sorted(known)}" if known else "takes no options"
+        raise ValueError(f"strategy_kwargs {unknown} are not options of strategy {name!r}, which {takes}.")
+    return cls(**options)
