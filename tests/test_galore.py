@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.strategies.galore_shared import FixedProjector
+from fed_trainer.strategies.keys import message_key
 
 
 class ProjectorProbe(FederatedCallback):
@@ -235,7 +236,9 @@ def test_galore_shared_averages_the_projected_moments_while_the_projector_is_kep
             assert int(record["server_moments"][f"{name}.step"]) == 5 * (2 if record is second else 3) - 5
             # ... is where every client of the next round starts, with the same projector
             for moments in following["start_moments"]:
-                torch.testing.assert_close(moments[i], record["server_moments"][f"{name}.exp_avg"], rtol=0, atol=0)
+                torch.testing.assert_close(
+                    moments[i], record["server_moments"][message_key(name, "exp_avg")], rtol=0, atol=0
+                )
             kept = [r["projectors"][0][name].ortho_matrix for r in (record, following)]
             assert torch.equal(*kept)
 

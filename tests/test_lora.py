@@ -16,6 +16,7 @@ from transformers import (
 
 from fed_trainer import FederatedCallback, FederatedTrainer, Strategy, register_strategy
 from fed_trainer.lowrank import truncated_svd_of_product
+from fed_trainer.strategies.keys import parse
 
 
 def tiny_gpt2(seed=0):
@@ -196,10 +197,10 @@ def test_a_flora_client_on_its_own_machine_catches_up_with_the_rounds_it_missed(
     assert len(starts) == len(messages) == 8
     for (round_number, cid), (sent_to, message) in zip(starts, messages, strict=True):
         assert sent_to == cid
-        rounds = sorted({int(k.split(".")[0][5:]) for k in message if k.startswith("round")})
-        stacks = sum(t.numel() for k, t in message.items() if k.startswith("round"))
+        rounds = sorted({parse(k).round for k in message if parse(k).round is not None})
+        stacks = sum(t.numel() for k, t in message.items() if parse(k).round is not None)
         # the stacks the client has not folded, or the folded base where they would weigh more (32 x 32 layers)
-        if any(k.endswith(".base") for k in message):
+        if any(parse(k).part == "base" for k in message):
             kinds.append("base")
             missed = [r for r in trainer.strategy.history if r > since.get(cid, 0)]
             assert not rounds and (since.get(cid, 0) < trainer.strategy.dropped_through or missed)
@@ -215,7 +216,7 @@ def test_a_flora_client_on_its_own_machine_catches_up_with_the_rounds_it_missed(
     assert "base" in kinds and "stacks" in kinds, kinds
     # the server keeps no more rounds of stacks than the base weights weigh
     assert sum(t.numel() for s in trainer.strategy.history.values() for t in s.values()) <= 4 * 32 * 32
-    stacked = next(m for _, m in messages if not any(k.endswith(".base") for k in m))
+    stacked = next(m for _, m in messages if not any(parse(k).part == "base" for k in m))
     with pytest.raises(RuntimeError, match="was its machine restarted"):  # a client's machine that lost its state
         node.strategy.catch_up(node.model, stacked | {"synced_round": torch.tensor(3)}, {})
 

@@ -4,7 +4,10 @@ tables generated from the strategies' declarations agree with them."""
 import ast
 from pathlib import Path
 
+import pytest
+
 from fed_trainer.strategies import FedAvg, register_strategy
+from fed_trainer.strategies.keys import Key, message_key, parse
 from fed_trainer.strategies.tables import PAGES, ROOT, capability_table, method_table, rewritten
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fed_trainer"
@@ -78,3 +81,23 @@ def test_a_user_strategy_stays_out_of_the_pages_tables():
         """Averages like FedAvg, for this test."""
 
     assert "tables_probe" not in capability_table() + method_table()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        Key("bert.encoder.layer.0.attention.self.query.weight"),
+        Key("base_model.model.bert.encoder.layer.0.attention.self.query", "base"),
+        Key("bert.encoder.layer.1.output.dense.weight", "c", period=3),
+        Key("bert.encoder.layer.1.output.dense.weight", "left", period=0),
+        Key("base_model.model.bert.encoder.layer.0.attention.self.value", "stack_right", round=12),
+        Key("bert.encoder.layer.1.intermediate.dense.weight", "exp_avg_sq"),
+    ],
+)
+def test_a_message_key_reads_back_as_the_key_it_was_built_from(key):
+    assert parse(message_key(key.tensor, key.part, period=key.period, round=key.round)) == key
+
+
+def test_the_codec_refuses_a_part_it_does_not_know():
+    with pytest.raises(ValueError, match="unknown message part 'bias_correction'"):
+        Key("w", "bias_correction")

@@ -12,6 +12,7 @@ from torch import nn
 from fed_trainer.distributed import all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.capabilities import Capabilities
+from fed_trainer.strategies.keys import message_key
 from fed_trainer.strategies.lora import (
     ADAPTER,
     LoraStrategy,
@@ -64,7 +65,9 @@ class FedExLoRA(LoraStrategy):
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         super().load_client(model, message, client_id)
-        if f"{next(iter(self.layers))}.base" in message:  # a client on its own machine takes the folded base
+        if (
+            message_key(next(iter(self.layers)), "base") in message
+        ):  # a client on its own machine takes the folded base
             self.load_base(message)  # (in the simulation, the live base itself: nothing changes)
 
     def finish_round(self, model: nn.Module) -> None:

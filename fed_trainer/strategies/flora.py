@@ -12,25 +12,19 @@ in the size of the base weights, so its memory does not grow with the number of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from fed_trainer.distributed import all_gather_objects
 from fed_trainer.strategies.base import TensorDict, tensor_bytes
+from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
 
 # Message key: the round of the global model the client is assumed to hold; the stacks of later rounds follow.
 SYNCED = "synced_round"
-
-
-def round_key(round_number: int, key: str) -> str:
-    return f"round{round_number}.{key}"
-
-
-def round_of(prefix: str) -> int:
-    """The round number of a `round_key` prefix ("round3" -> 3)."""
-    return int(prefix[len("round") :])
 
 
 @register_strategy("flora")
@@ -77,7 +71,12 @@ class FLoRA(StackedLoraStrategy):
         # folds them in `catch_up`. No factors: each client starts afresh.
         since = self.synced.get(client_id, 0)
         self._set_synced(client_id, 0)  # unknown until its update arrives: a failed client may have lost its state
-        stacks = {round_key(r, k): t for r, s in self.history.items() if r > since for k, t in s.items()}
+        stacks = {
+            str(dataclasses.replace(parse(k), round=r)): t
+            for r, s in self.history.items()
+            if r > since
+            for k, t in s.items()
+        }
         if since < self.dropped_through or tensor_bytes(stacks) > self.base_bytes:  # the folded base is cheaper
             since = self.round_number - 1
             stacks = self.base_message()
@@ -95,8 +94,8 @@ class FLoRA(StackedLoraStrategy):
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
         """Fold the stacks of the rounds after the one this machine holds into its base weights (or take the
         folded base from the message)."""
-        prefixes = []
-        if f"{next(iter(self.layers))}.base" in message:  # the folded base itself
+        later = []
+        if message_key(next(iter(self.layers)), "base") in message:  # the folded base itself
             source = message
         else:
             held, since = (int(kept[SYNCED]) if kept else 0), int(message[SYNCED])
@@ -107,26 +106,26 @@ class FLoRA(StackedLoraStrategy):
                     "the folded base) the next time."
                 )
             source = kept
-            rounds = {key.split(".", 1)[0] for key in message if key.startswith("round")}
-            prefixes = sorted((p for p in rounds if round_of(p) > held), key=round_of)
+            later = sorted({r for r in (parse(key).round for key in message) if r is not None and r > held})
         if source:
             self.load_base(source)
-        for prefix in prefixes:
-            self._fold({key.split(".", 1)[1]: t for key, t in message.items() if key.startswith(f"{prefix}.")})
+        for round_number in later:
+            stacks = {parse(key): t for key, t in message.items() if parse(key).round == round_number}
+            self._fold({message_key(k.tensor, k.part): t for k, t in stacks.items()})
         kept = {key: weight.detach().clone() for key, weight in self.base_message().items()}
         return {**kept, SYNCED: torch.tensor(self.round_number - 1)}
 
     def _fold(self, stacks: TensorDict) -> None:
         """Add one round's stacked update, left @ right, to every targeted base weight."""
         for name, layer in self.layers.items():
-            fold_into_base(layer, stacks[f"{name}.stack_left"] @ stacks[f"{name}.stack_right"])
+            fold_into_base(layer, stacks[message_key(name, "stack_left")] @ stacks[message_key(name, "stack_right")])
 
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
         stacks = {}
         for name in self.layers:
             left, right = self.stacked(name)
-            stacks.update({f"{name}.stack_left": left, f"{name}.stack_right": right})
+            stacks.update({message_key(name, "stack_left"): left, message_key(name, "stack_right"): right})
         self._fold(stacks)
         self.history[self.round_number] = stacks
         while sum(map(tensor_bytes, self.history.values())) > self.base_bytes:

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
+from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.strategies.registry import register_strategy
 
 if TYPE_CHECKING:
@@ -136,9 +137,9 @@ class GaLoreLowRank(FedAvg):
             name = self.names[p]
             del payload[name]
             for j, (decay, side, basis, factor) in enumerate(periods):
-                payload[f"{name}@{j}.c"] = torch.tensor(decay, dtype=torch.float64)
-                payload[f"{name}@{j}.{side}"] = basis
-                payload[f"{name}@{j}.R"] = factor
+                payload[message_key(name, "c", period=j)] = torch.tensor(decay, dtype=torch.float64)
+                payload[message_key(name, side, period=j)] = basis
+                payload[message_key(name, "R", period=j)] = factor
         return payload
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
@@ -146,18 +147,16 @@ class GaLoreLowRank(FedAvg):
 
     def rebuilt(self, payload: TensorDict) -> TensorDict:
         """The client's dense weights: the global ones carried through its periods, W <- c W + P R (or R Q)."""
-        dense = {name: value for name, value in payload.items() if "@" not in name}
+        dense = {name: value for name, value in payload.items() if parse(name).period is None}
         for name, start in self.global_state.items():
             if name in dense:
                 continue
             weight, j = start.float(), 0
-            while f"{name}@{j}.c" in payload:
-                factor = payload[f"{name}@{j}.R"].float()
-                if f"{name}@{j}.left" in payload:
-                    step = payload[f"{name}@{j}.left"].float() @ factor
-                else:
-                    step = factor @ payload[f"{name}@{j}.right"].float()
-                weight = float(payload[f"{name}@{j}.c"]) * weight + step
+            while message_key(name, "c", period=j) in payload:
+                factor = payload[message_key(name, "R", period=j)].float()
+                left, right = (payload.get(message_key(name, side, period=j)) for side in ("left", "right"))
+                step = left.float() @ factor if left is not None else factor @ right.float()
+                weight = float(payload[message_key(name, "c", period=j)]) * weight + step
                 j += 1
             dense[name] = weight
         return dense

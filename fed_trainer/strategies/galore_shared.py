@@ -33,6 +33,7 @@ from torch import nn
 from fed_trainer.distributed import all_gather_objects, all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.galore_lowrank import GaLoreLowRank, ProjectedUpdates
+from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.strategies.registry import register_strategy
 
 if TYPE_CHECKING:
@@ -82,14 +83,14 @@ class SharedProjection(ProjectedUpdates):
         for group in self.groups:
             for p in group["params"]:
                 name = strategy.names[p]
-                if f"{name}.projector" in incoming:
+                if message_key(name, "projector") in incoming:
                     slot = optimizer.state[p]
-                    slot["projector"] = FixedProjector(incoming[f"{name}.projector"].to(p.device), group)
-                    if f"{name}.exp_avg" in incoming:
+                    slot["projector"] = FixedProjector(incoming[message_key(name, "projector")].to(p.device), group)
+                    if message_key(name, "exp_avg") in incoming:
                         slot["exp_avg"], slot["exp_avg_sq"] = (
-                            incoming[f"{name}.{kind}"].to(p.device, copy=True) for kind in MOMENTS[:2]
+                            incoming[message_key(name, kind)].to(p.device, copy=True) for kind in MOMENTS[:2]
                         )
-                        slot["step"] = int(incoming[f"{name}.step"])
+                        slot["step"] = int(incoming[message_key(name, "step")])
                 if strategy.sketching:
                     side = projector_side(p.shape, group["proj_type"])
                     omega = strategy.sketch_matrix(name, p.shape, side, group["rank"]).to(p.device)
@@ -179,36 +180,39 @@ class GaLoreShared(GaLoreLowRank):
         self._extras: TensorDict = {}  # weighted sums of the sketches and moments
 
     def server_message(self, client_id) -> TensorDict:
-        shared = {f"{name}.projector": basis for name, basis in self.projectors.items()}
+        shared = {message_key(name, "projector"): basis for name, basis in self.projectors.items()}
         return {**super().server_message(client_id), **shared, **self.moments}
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         super().load_client(model, message, client_id)
-        self.incoming = {key: t for key, t in message.items() if key.rsplit(".", 1)[-1] in EXTRAS}
+        self.incoming = {key: t for key, t in message.items() if parse(key).part in EXTRAS}
 
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
         payload = super().client_payload(model, client_id)
         recorder = self.recorder
         for p, name in self.names.items():
-            if f"{name}.projector" in self.incoming:  # the server has the basis: R and c only
-                payload = {key: t for key, t in payload.items() if key not in (f"{name}@0.left", f"{name}@0.right")}
+            if message_key(name, "projector") in self.incoming:  # the server has the basis: R and c only
+                bases = {message_key(name, side, period=0) for side in ("left", "right")}
+                payload = {key: t for key, t in payload.items() if key not in bases}
             if p in recorder.moments:
                 exp_avg, exp_avg_sq, step = recorder.moments[p]
-                payload.update({f"{name}.exp_avg": exp_avg, f"{name}.exp_avg_sq": exp_avg_sq,
-                                f"{name}.step": torch.tensor(step, dtype=torch.float64)})  # fmt: skip
-        payload.update({f"{self.names[p]}.sketch": sketch for p, sketch in recorder.client_sketches().items()})
+                payload.update({message_key(name, "exp_avg"): exp_avg, message_key(name, "exp_avg_sq"): exp_avg_sq,
+                                message_key(name, "step"): torch.tensor(step, dtype=torch.float64)})  # fmt: skip
+        payload.update({message_key(self.names[p], "sketch"): s for p, s in recorder.client_sketches().items()})
         return payload
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         payload = dict(payload)
         for name, basis in self.projectors.items():  # the shared bases this round's clients trained with
-            if f"{name}@0.R" in payload:
-                payload[f"{name}@0.{self.layout[name][0]}"] = basis
-        for key in [key for key in payload if "@0." in key and key.endswith((".left", ".right"))]:
-            name, side = key.split("@0.")
-            basis = payload[key]
+            if message_key(name, "R", period=0) in payload:
+                payload[message_key(name, self.layout[name][0], period=0)] = basis
+        for key in list(payload):
+            parsed = parse(key)
+            if parsed.period != 0 or parsed.part not in ("left", "right"):
+                continue
+            name, side, basis = parsed.tensor, parsed.part, payload[key]
             self.layout.setdefault(name, (side, basis.shape[1] if side == "left" else basis.shape[0]))
-        extras = {key: payload.pop(key) for key in list(payload) if key.rsplit(".", 1)[-1] in EXTRAS}
+        extras = {key: payload.pop(key) for key in list(payload) if parse(key).part in EXTRAS}
         super().aggregate(payload, weight, client_id)
         for key, value in extras.items():
             total = self._extras.setdefault(key, torch.zeros_like(value, dtype=torch.float64))
@@ -226,14 +230,14 @@ class GaLoreShared(GaLoreLowRank):
         if self.sketching:  # new projectors, and the moments start afresh in their coordinates
             self.projectors, self.moments = {}, {}
             for name, (side, rank) in self.layout.items():
-                sketch = self._extras.get(f"{name}.sketch")
+                sketch = self._extras.get(message_key(name, "sketch"))
                 if sketch is None:
                     continue
                 u, _, vh = torch.linalg.svd((sketch / mass).float(), full_matrices=False)
                 self.projectors[name] = (u[:, :rank] if side == "left" else vh[:rank]).contiguous()
         elif self.average_moments:
             self.moments = {key: (total / mass).float() for key, total in self._extras.items()}
-            for key in [key for key in self.moments if key.endswith(".step")]:
+            for key in [key for key in self.moments if parse(key).part == "step"]:
                 self.moments[key] = self.moments[key].round().long()
 
     def state_dict(self) -> dict:

@@ -24,6 +24,7 @@ from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.strategies.base import TensorDict, tensor_bytes
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
+from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.zero import add_whole, assign_whole, local_shard, whole
 
 if TYPE_CHECKING:
@@ -185,12 +186,12 @@ class LoraStrategy(FedAvg):
 
     def base_message(self) -> TensorDict:
         """The targeted base weights as message entries `<layer>.base` (for a client that must be sent them)."""
-        return {f"{name}.base": weight for name, weight in self.base_weights().items()}
+        return {message_key(name, "base"): weight for name, weight in self.base_weights().items()}
 
     def load_base(self, tensors: TensorDict) -> None:
         """Copy the `<layer>.base` entries of `tensors` (a `base_message`) into the base weights."""
         for name, weight in self.base_weights().items():
-            weight.data.copy_(tensors[f"{name}.base"])
+            weight.data.copy_(tensors[message_key(name, "base")])
 
     def state_dict(self) -> dict:
         return {"scalings": {name: layer.scaling[ADAPTER] for name, layer in self.layers.items()}}
@@ -231,7 +232,7 @@ class StackedLoraStrategy(LoraStrategy):
             return tensor_bytes(tensors)
         # under ZeRO-3 the averaged tensors and base weights (".base") are this rank's shards; factors and stacks
         # are whole on every rank
-        return tensor_bytes({k: t for k, t in tensors.items() if k in self.global_state or k.endswith(".base")})
+        return tensor_bytes({k: t for k, t in tensors.items() if k in self.global_state or parse(k).part == "base"})
 
     @staticmethod
     def factor_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> TensorDict:
