@@ -21,6 +21,9 @@ class Capabilities:
 
     Attributes:
         lora: trains PEFT LoRA adapters (needs `peft_config`); otherwise full weights (refuses one).
+        exact: the new global model is sum_k p_k W_k of the round's trained client models (W_k with any adapter
+            merged in); the contract tests check it against that sum computed independently, and check that a
+            strategy declared inexact is not.
         heterogeneous_ranks: clients may have LoRA configs of different ranks.
         robust_rules: `aggregation_rule` median / trimmed_mean, `update_clip_norm` and client-level DP apply (the
             aggregate is an entry-wise average of the payloads).
@@ -32,6 +35,7 @@ class Capabilities:
     """
 
     lora: bool = False
+    exact: bool = False
     heterogeneous_ranks: bool = False
     robust_rules: bool = False
     zero3: bool = False
@@ -44,6 +48,7 @@ class Capabilities:
 # capability -> (column of the generated tables, what a user asks for when it is needed)
 COLUMNS = {
     "lora": ("trains", "a peft_config"),
+    "exact": ("exact", "an exact aggregate"),
     "heterogeneous_ranks": ("different ranks", "clients of different LoRA ranks"),
     "robust_rules": (
         "robust rules, clipping, DP",

@@ -35,7 +35,7 @@ class FedExLoRA(LoraStrategy):
     )
 
     title = "FedEx-LoRA"
-    capabilities = Capabilities(lora=True, zero3=True, undo_round=True, folds_into_base=True)
+    capabilities = Capabilities(lora=True, exact=True, zero3=True, undo_round=True, folds_into_base=True)
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)

@@ -6,6 +6,8 @@ With one A for all, sum_k p_k (W0 + s B_k A) = W0 + s (sum_k p_k B_k) A: averagi
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ class FFALoRA(LoraStrategy):
     """A frozen and the same on every client (drawn from the seed), B averaged: exact, uplink r*out per layer."""
 
     title = "FFA-LoRA"
+    capabilities = dataclasses.replace(LoraStrategy.capabilities, exact=True)  # one A for all: B's mean is exact
     paper = ("Improving LoRA in Privacy-preserving Federated Learning", "2403.12313")
 
     def prepare_adapter(self, model: nn.Module) -> None:

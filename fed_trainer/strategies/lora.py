@@ -211,7 +211,9 @@ class StackedLoraStrategy(LoraStrategy):
     `left @ right = sum_k p_k s_k B_k A_k` exactly. Only the other trainables go through FedAvg.
     """
 
-    capabilities = Capabilities(lora=True, heterogeneous_ranks=True, zero3=True, undo_round=True, folds_into_base=True)
+    capabilities = Capabilities(
+        lora=True, exact=True, heterogeneous_ranks=True, zero3=True, undo_round=True, folds_into_base=True
+    )
 
     def restore_global(self, model: nn.Module) -> None:
         super().restore_global(model)
