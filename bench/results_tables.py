@@ -53,7 +53,24 @@ def table(report: dict) -> str:
                 f"{s['best_mean']:.3f} | {reached} | {s['total_bytes'] / 1e6:.1f} | {s['peak_rss_mib']:.0f} | "
                 f"{s['wall_s_mean']:.1f} |"
             )
+    if report["lr_sweep"]["final"]:
+        lines += ["", sweep(report)]
+    targets = ", ".join(f"{setting} {value:.4f}" for setting, value in report["target"].items())
+    rule = "90% of the best final mean" if metric == "accuracy" else "110% of the best final mean"
+    lines += ["", f"Targets ({rule} of each setting): {targets}."]
     return "\n".join(lines) + "\n"
+
+
+def sweep(report: dict) -> str:
+    """The learning-rate sweep: each method's final metric at every rate of its grid, the rate it kept in bold."""
+    parts = []
+    for method, finals in report["lr_sweep"]["final"].items():
+        kept = report["learning_rates"][method]
+        cells = [f"**{v:.4g}** ({float(lr):g})" if float(lr) == kept else f"{v:.4g} ({float(lr):g})"
+                 for lr, v in finals.items()]  # fmt: skip
+        parts.append(f"{method} " + " / ".join(cells))
+    where = f"{report['lr_sweep']['setting']} (final {report['metric']} at each rate; kept in bold)"
+    return f"Learning-rate sweep on {where}: " + "; ".join(parts) + "."
 
 
 def rewritten(page: str) -> str:
