@@ -154,6 +154,12 @@ class FederatedConfig(TrainingArguments):
         """How many clients each round samples: `clients_per_round`, or every client when it is unset."""
         return self.clients_per_round or self.num_clients
 
+    def evaluation_due(self, round_number: int) -> bool:
+        """Whether the global model is evaluated after round `round_number`: every `eval_every_rounds` rounds, and
+        after the last."""
+        every = self.eval_every_rounds
+        return round_number == self.num_rounds or (every > 0 and round_number % every == 0)
+
     def __post_init__(self) -> None:
         self._check_galore()  # these two before TrainingArguments sets up DeepSpeed for a combination we refuse
         self._check_deepspeed()

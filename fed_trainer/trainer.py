@@ -169,7 +169,7 @@ class FederatedTrainer(Trainer):
             progress["round_losses"].append(logs["train_loss"])
             progress["round"] = round_number
             logs.update(total_bytes_up=progress["total_bytes_up"], total_bytes_down=progress["total_bytes_down"])
-            if self._evaluation_due(round_number) and self.eval_dataset is not None:
+            if args.evaluation_due(round_number) and self.eval_dataset is not None:
                 with self._logging_into(logs):
                     self.evaluate(ignore_keys=ignore_keys_for_eval)
             self.log(logs)
@@ -222,10 +222,6 @@ class FederatedTrainer(Trainer):
         self.state.log_history = checkpoint["log_history"]
         self._progress = checkpoint["progress"]
         logger.info(f"Resuming from {path}: {self._progress['round']} of {self.args.num_rounds} rounds done.")
-
-    def _evaluation_due(self, round_number: int) -> bool:
-        every = self.args.eval_every_rounds
-        return round_number == self.args.num_rounds or (every > 0 and round_number % every == 0)
 
     @contextlib.contextmanager
     def _logging_into(self, logs: dict):
