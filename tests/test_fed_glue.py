@@ -2,9 +2,7 @@
 
 import csv
 import json
-import os
 import random
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -99,21 +97,6 @@ def accuracy_of_saved_model(directory: Path) -> float:
     with torch.no_grad():
         predictions = model(**batch).logits.argmax(-1)
     return float((predictions == torch.tensor(list(articles["label"]))).float().mean())
-
-
-def test_accelerate_launch_runs_the_example(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    launcher = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
-        [str(launcher), "launch", "--num_processes", "1", "--cpu", str(ROOT / "examples" / "fed_glue.py"),
-         *LEARNS, "--learning_rate", "1e-3", "--output_dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval_results.json").read_text())
-    assert_learned(metrics)
-    assert accuracy_of_saved_model(tmp_path) == pytest.approx(metrics["eval_accuracy"])  # the model it reported on
-    assert torch.load(tmp_path / "training_args.bin", weights_only=False).num_rounds == 2
 
 
 def lora_weights_moved_only_where_targeted(directory: Path, targets: list[str]) -> None:

@@ -60,9 +60,7 @@ def one_process(tmp_path_factory):
         ("zero3", ["--strategy", "fedavg"]),
         ("zero3_offload", ["--strategy", "fedavg"]),
         ("zero3", ["--strategy", "fedavg", "--update_clip_norm", "0.01"]),  # the norm of the whole update
-        ("zero2", ["--strategy", "fedit"]),
         ("zero3", ["--strategy", "fedit"]),  # LoRA factors averaged shard by shard; saved merged from the gather
-        ("zero2", ["--strategy", "fedex_lora"]),  # products of whole factors, the residual folded into the base
         ("zero3", ["--strategy", "fedex_lora"]),  # the factors gathered for the products, the residual by shard
         # mixed ranks in one adapter of the largest rank (the rest zero-padded): the engine's parameters keep shape
         ("zero2_offload", ["--strategy", "flexlora", "--ranks", "2,4,8"]),
