@@ -121,10 +121,7 @@ class Round:
 
     def event(self, name: str, **kwargs) -> None:
         """Send a federated event to the trainer's callbacks."""
-        trainer = self.trainer
-        trainer.control = call_federated_event(
-            trainer.callback_handler, name, self.args, trainer.state, trainer.control, **kwargs
-        )
+        fire(self.trainer, name, **kwargs)
 
     def run(self, executor: ClientExecutor) -> dict:
         """Train the round's clients with `executor`, aggregate, make the new global model; the round's log."""
@@ -192,6 +189,13 @@ class Round:
         )
 
 
+def fire(trainer: FederatedTrainer, name: str, **kwargs) -> None:
+    """Send the federated event `name` to `trainer`'s callbacks, keeping the control they return."""
+    trainer.control = call_federated_event(
+        trainer.callback_handler, name, trainer.args, trainer.state, trainer.control, **kwargs
+    )
+
+
 def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message: TensorDict, plan: ClientPlan):
     """One client's side of a round on `trainer`'s model: load the server's `message`, train, and return
     (payload, `TrainOutput`). The client events fire around the training: `on_client_begin` on the loaded model,
@@ -200,15 +204,10 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
     strategy.load_client(model, message, client_id)
     reload_partitions(runner.engine)
     event = dict(client_id=client_id, model=model, num_examples=len(dataset))
-    trainer.control = call_federated_event(
-        trainer.callback_handler, "on_client_begin", trainer.args, trainer.state, trainer.control, **event
-    )
+    fire(trainer, "on_client_begin", **event)
     try:
         output = runner.train(dataset, client_id, **asdict(plan))
-        trainer.control = call_federated_event(
-            trainer.callback_handler, "on_client_end", trainer.args, trainer.state, trainer.control,
-            **event, metrics=output.metrics, optimizer=runner.trainer.optimizer,
-        )  # fmt: skip
+        fire(trainer, "on_client_end", **event, metrics=output.metrics, optimizer=runner.trainer.optimizer)
         return strategy.client_payload(model, client_id), output
     finally:
         runner.release()

@@ -76,9 +76,9 @@ def registered(built_in: bool = False) -> dict[str, type[Strategy]]:
 ORDER = ["fedavg", "galore_lowrank", "galore_shared", "fedit", "ffa_lora", "flexlora", "fedex_lora", "flora"]
 
 
-def supporting(capability: str, value=True) -> list[str]:
+def supporting(capability: str) -> list[str]:
     """The registered strategies whose `capability` is `value`."""
-    return [name for name, cls in registered().items() if getattr(cls.capabilities, capability) == value]
+    return [name for name, cls in registered().items() if getattr(cls.capabilities, capability)]
 
 
 def refused(strategy: Strategy, capability: str, fix: str = "") -> ValueError:

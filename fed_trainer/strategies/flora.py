@@ -106,12 +106,12 @@ class FLoRA(StackedLoraStrategy):
                     "the folded base) the next time."
                 )
             source = kept
-            later = sorted({r for r in (parse(key).round for key in message) if r is not None and r > held})
+            keys = {key: parse(key) for key in message}
+            later = sorted({k.round for k in keys.values() if k.round is not None and k.round > held})
         if source:
             self.load_base(source)
-        for round_number in later:
-            stacks = {parse(key): t for key, t in message.items() if parse(key).round == round_number}
-            self._fold({message_key(k.tensor, k.part): t for k, t in stacks.items()})
+        for number in later:
+            self._fold({message_key(k.tensor, k.part): message[key] for key, k in keys.items() if k.round == number})
         kept = {key: weight.detach().clone() for key, weight in self.base_message().items()}
         return {**kept, SYNCED: torch.tensor(self.round_number - 1)}
 
