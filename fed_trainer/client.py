@@ -1,4 +1,9 @@
-"""Local training of one client for one round, reusing a single inner `Trainer`."""
+"""Local training of one client for one round, reusing a single inner `Trainer`.
+
+Trainer internals used here (and nowhere else in fed_trainer): `_prepare_for_training`, `_created_lr_scheduler`,
+`_get_learning_rate`, and for FedProx's term the attributes `training_step` scales a loss by
+(`loss_is_scaled_for_ga`, `model_accepts_loss_kwargs`, `current_gradient_accumulation_steps`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import dataclasses
 import functools
 import math
 
+import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, get_scheduler
@@ -34,6 +40,35 @@ class ClientTrainerMixin:
     schedule_offset: int = 0
     schedule_steps: int = 1
     zero_optimizer = None  # under DeepSpeed: the optimizer of the one engine, restarted for every client
+    proximal_mu: float = 0.0  # FedProx's mu
+    anchor: tuple[tuple[torch.nn.Parameter, torch.Tensor], ...] = ()  # (trainable weight, value at the client start)
+
+    def take_anchor(self) -> None:
+        """Remember the trainable weights the client starts from (the global model as the strategy loaded it), for
+        FedProx's term; nothing without `proximal_mu`."""
+        if self.proximal_mu:
+            self.anchor = tuple((p, p.detach().clone()) for p in self.model.parameters() if p.requires_grad)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The client trainer's loss, plus FedProx's mu/2 ||w - w_start||^2 over the trainable weights when
+        `proximal_mu` is set (Li et al. 2020), scaled so that one optimizer step sees it once whatever the gradient
+        accumulation."""
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not self.proximal_mu or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        term = sum(((p - start) ** 2).sum() for p, start in self.anchor) * (self.proximal_mu / 2)
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:  # as `Trainer.training_step` decides whether it divides the loss by the steps
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if scaled_for_ga:
+            term = term / self.current_gradient_accumulation_steps
+        loss = loss + term.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -139,6 +174,7 @@ class ClientRunner:
             compute_loss_func=outer.compute_loss_func,
             optimizer_cls_and_kwargs=outer.optimizer_cls_and_kwargs,
         )
+        self.trainer.proximal_mu = outer.args.proximal_mu
         self.trainer.pop_callback(PrinterCallback)
         self.trainer.pop_callback(ProgressCallback)
         self.last_learning_rate = outer.args.learning_rate
@@ -163,10 +199,13 @@ class ClientRunner:
         trainer.schedule_offset, trainer.schedule_steps = offset, schedule_steps
         self.progress.description = f"client {client_id}"
         set_seed(seed)
+        trainer.take_anchor()
         output = trainer.train()
         self.last_learning_rate = trainer._get_learning_rate()
         return output
 
     def release(self) -> None:
-        """Drop the last client's optimizer (its state would otherwise live on until the next client)."""
+        """Drop the last client's optimizer and FedProx anchor (they would otherwise live on until the next
+        client)."""
         self.trainer.optimizer = self.trainer.lr_scheduler = None
+        self.trainer.anchor = ()

@@ -12,6 +12,13 @@ from typing import Any
 from transformers import TrainingArguments
 
 from fed_trainer.distributed import launched_with
+from fed_trainer.server_optimizer import (
+    ADAPTIVE_RULES,
+    DEFAULT_LEARNING_RATES,
+    DEFAULT_MOMENTUM,
+    MOMENTUM_RULES,
+    SERVER_OPTIMIZERS,
+)
 from fed_trainer.strategies.registry import get_strategy
 
 logger = logging.getLogger(__name__)
@@ -131,6 +138,40 @@ class FederatedConfig(TrainingArguments):
         },
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "The delta at which the privacy spent is reported."})
+    server_optimizer: str = field(
+        default="none",
+        metadata={
+            "help": "The server's step on each round's aggregated update: 'none' (the aggregate is the new global "
+            "model), 'fedavgm', 'nesterov' (DiLoCo's outer step), 'fedadam', 'fedyogi' or 'fedadagrad' "
+            "(docs/methods.md gives the formulas and which strategies take one).",
+            "choices": list(SERVER_OPTIMIZERS),
+        },
+    )
+    server_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "eta of the server optimizer; default: 1.0 for fedavgm, 0.7 for nesterov (DiLoCo), 1e-3 for the "
+            "adaptive rules."
+        },
+    )
+    server_momentum: float | None = field(
+        default=None, metadata={"help": "beta of fedavgm, mu of nesterov (default 0.9)."}
+    )
+    server_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.99],
+        metadata={"help": "beta1 and beta2 of fedadam and fedyogi (fedadagrad uses beta1 only)."},
+    )
+    server_epsilon: float = field(
+        default=1e-6, metadata={"help": "tau of the adaptive server optimizers (v starts at tau^2)."}
+    )
+    proximal_mu: float = field(
+        default=0.0,
+        metadata={
+            "help": "FedProx: each client's loss gains proximal_mu/2 ||w - w_global||^2 over its trainable weights "
+            "(w_global: what it started the round from), which holds clients near the global model on skewed data. "
+            "0 turns it off. Not under DeepSpeed ZeRO-3."
+        },
+    )
     galore_refresh_rounds: int | None = field(
         default=None, metadata={"help": "Deprecated: strategy_kwargs={'refresh_rounds': N} (galore_shared)."}
     )
@@ -179,6 +220,9 @@ class FederatedConfig(TrainingArguments):
         if self.update_clip_norm is not None and self.update_clip_norm <= 0:
             raise ValueError(f"update_clip_norm must be positive, got {self.update_clip_norm}.")
         self._check_privacy()
+        self._check_server_optimizer()
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}.")
         if not 1 <= self.min_clients_per_round <= self.clients_sampled_per_round:
             raise ValueError(
                 f"min_clients_per_round={self.min_clients_per_round} must be between 1 and the clients of a round "
@@ -223,6 +267,12 @@ class FederatedConfig(TrainingArguments):
             )
 
     def _check_deepspeed(self) -> None:
+        if self.proximal_mu and deepspeed_zero_stage(self.deepspeed) == 3:
+            raise ValueError(
+                "proximal_mu (FedProx) is not supported under DeepSpeed ZeRO-3: its term needs the whole trainable "
+                "weights in the loss, which ZeRO-3 holds only as partitions outside a module's forward. Use ZeRO-2, "
+                "or set proximal_mu=0."
+            )
         if "scheduler" in deepspeed_settings(self.deepspeed):
             raise ValueError(
                 "The DeepSpeed config has a 'scheduler' section, which would restart the learning-rate schedule for "
@@ -255,6 +305,35 @@ class FederatedConfig(TrainingArguments):
                 "DP-FedAvg needs client_weighting='uniform' and aggregation_rule='mean': with example-count weights "
                 "one client's influence, and so the noise needed, is unbounded."
             )
+
+    def _check_server_optimizer(self) -> None:
+        rule = self.server_optimizer
+        if rule not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {rule!r}.")
+        if rule == "none":
+            if self.server_learning_rate is not None or self.server_momentum is not None:
+                raise ValueError(
+                    "server_learning_rate and server_momentum set the server optimizer's step, but "
+                    "server_optimizer='none': choose one of " + repr(SERVER_OPTIMIZERS[1:]) + "."
+                )
+            return
+        if self.server_momentum is not None and rule not in MOMENTUM_RULES:
+            raise ValueError(
+                f"server_momentum is the momentum of {MOMENTUM_RULES}; {rule!r} takes server_betas instead."
+            )
+        if self.server_learning_rate is None:
+            self.server_learning_rate = DEFAULT_LEARNING_RATES[rule]
+        if self.server_momentum is None and rule in MOMENTUM_RULES:
+            self.server_momentum = DEFAULT_MOMENTUM
+        self.server_betas = [float(b) for b in self.server_betas]
+        if self.server_learning_rate <= 0:
+            raise ValueError(f"server_learning_rate must be positive, got {self.server_learning_rate}.")
+        if rule in MOMENTUM_RULES and not 0 <= self.server_momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum}.")
+        if rule in ADAPTIVE_RULES and (len(self.server_betas) != 2 or not all(0 <= b < 1 for b in self.server_betas)):
+            raise ValueError(f"server_betas must be two numbers in [0, 1), got {self.server_betas}.")
+        if self.server_epsilon <= 0:
+            raise ValueError(f"server_epsilon must be positive, got {self.server_epsilon}.")
 
     def _check_strategy(self) -> None:
         """Take the deprecated option fields into `strategy_kwargs`, then build the strategy once, so that an

@@ -126,7 +126,13 @@ class Round:
     def run(self, executor: ClientExecutor) -> dict:
         """Train the round's clients with `executor`, aggregate, make the new global model; the round's log."""
         self.strategy.begin_round(self.number)
-        self.event("on_round_begin", round=self.number, client_ids=self.client_ids, client_weights=self.weights)
+        self.event(
+            "on_round_begin",
+            round=self.number,
+            client_ids=self.client_ids,
+            client_weights=self.weights,
+            model=self.trainer.model,
+        )
         executor.train(self)
         outcome = self.outcome()
         kept = [cid for cid in self.client_ids if cid in set(outcome["accepted"])]
@@ -224,7 +230,7 @@ def remote_update(
     strategy.begin_round(round_number)  # fresh LoRA factors are seeded by round
     kept = strategy.catch_up(trainer.model, message, kept)
     payload, output = local_update(trainer, client_id, dataset, message, plan)
-    return payload, output, kept
+    return payload, output, {**kept, **strategy.client_state(client_id)}
 
 
 class InProcessClients:

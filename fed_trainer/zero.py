@@ -58,12 +58,6 @@ def assign_whole(param: torch.Tensor, value: torch.Tensor) -> None:
     local_shard(param).data.copy_(own_part(param, value))
 
 
-def add_whole(param: torch.Tensor, update: torch.Tensor) -> None:
-    """Add the whole-shaped `update` to `param`; under ZeRO-3 each rank adds its own part, to its partition."""
-    target = local_shard(param).data
-    target.add_(own_part(param, update).to(target.dtype))
-
-
 def load_whole_state(model: nn.Module, state: dict) -> None:
     """`model.load_state_dict(state)` for a state of whole tensors, also when ZeRO-3 partitions the model."""
     if not holds_shards(model):

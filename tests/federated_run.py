@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--aggregation_rule", default="mean")
+    p.add_argument("--server_optimizer", default="none")
     p.add_argument("--deepspeed", help="a DeepSpeed config (JSON): every rank trains every client on a sharded model")
     p.add_argument("--batch_size", type=int, default=4, help="per process")
     p.add_argument("--client_sizes", type=int, nargs="+", default=[8, 16, 24])
@@ -98,6 +99,7 @@ def main() -> None:
             Path(a.output_dir), output_dir=a.output_dir, strategy=a.strategy, num_rounds=a.rounds, save_every_rounds=1,
             save_total_limit=2, learning_rate=2e-2 if lora else 1e-3,
             aggregation_rule=a.aggregation_rule, update_clip_norm=a.update_clip_norm, deepspeed=a.deepspeed,
+            server_optimizer=a.server_optimizer,
             per_device_train_batch_size=a.batch_size, clients_per_round=a.clients_per_round, **optimizer,
         ),  # fmt: skip
         client_datasets=[toy_dataset(n, seed) for seed, n in enumerate(a.client_sizes, start=1)],

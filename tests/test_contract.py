@@ -7,7 +7,11 @@ For each, on tiny BERT (3 clients, 2 rounds):
 - resuming from the round-1 checkpoint ends with the uninterrupted run's model;
 - the bytes logged each round equal the bytes of the tensors sent (messages down, payloads up);
 - a Flower round trip: the round-1 message, encoded into a Flower record and decoded on a client built afresh (as a
-  SuperNode builds it), trains to the payload the in-process client sent.
+  SuperNode builds it), trains to the payload the in-process client sent;
+- with a server optimizer (FedAvgM, whose step is linear in the update, so it can be checked on merged weights):
+  an exact strategy's global model moves by eta m_t, m_t = beta m_{t-1} + sum_k p_k W_k - W_t, and resuming from
+  round 1 ends where the uninterrupted run ends; a strategy that declares no server optimizer refuses one.
+  (tests/test_server_optimizer.py checks every rule's formula, and the step on FedIT's factors.)
 Client-parallel ranks against one process are in tests/test_distributed.py (subprocesses; several strategies).
 """
 
@@ -46,8 +50,8 @@ class Record(FederatedCallback):
     def __init__(self):
         self.rounds = []
 
-    def on_round_begin(self, args, state, control, client_weights=None, **kwargs):
-        self.rounds.append({"weights": client_weights, "clients": {}})
+    def on_round_begin(self, args, state, control, client_weights=None, model=None, **kwargs):
+        self.rounds.append({"weights": client_weights, "clients": {}, "start": merged_state(model)})
 
     def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
         self.rounds[-1]["clients"][client_id] = merged_state(model)
@@ -83,6 +87,32 @@ def traffic(trainer: FederatedTrainer) -> dict:
 
         setattr(strategy, hook, counting)
     return counted
+
+
+SERVER_STEP = dict(server_optimizer="fedavgm", server_learning_rate=1.5, server_momentum=0.5)
+
+
+STEPPED = [name for name in STRATEGIES if strategy_class(name).capabilities.server_optimizer]
+
+
+@pytest.fixture(scope="module")
+def stepped_run(tmp_path_factory):
+    """`stepped_run(strategy)`: one 2-round run of the strategy with FedAvgM on the server (run once per module)."""
+    from conftest import fed_config
+
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            tmp = tmp_path_factory.mktemp(f"{name}-stepped")
+            make_config = lambda **overrides: fed_config(tmp, **SERVER_STEP, **overrides)  # noqa: E731
+            record = Record()
+            trainer = build(make_config, name, [record], save_every_rounds=1)
+            trainer.train()
+            runs[name] = dict(trainer=trainer, record=record, tmp=tmp, make_config=make_config)
+        return runs[name]
+
+    return run
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
@@ -146,6 +176,36 @@ def test_resuming_from_round_1_ends_with_the_uninterrupted_model(contract_run):
     expected = contract_run["trainer"].model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", [name for name in STEPPED if strategy_class(name).capabilities.exact])
+def test_a_server_optimizer_moves_an_exact_strategy_by_its_step(stepped_run, name):
+    eta, beta, momentum = SERVER_STEP["server_learning_rate"], SERVER_STEP["server_momentum"], {}
+    for number, entry in enumerate(stepped_run(name)["record"].rounds, start=1):
+        weights, clients, start = entry["weights"], entry["clients"], entry["start"]
+        for key, value in entry["global"].items():
+            update = sum(weights[cid] * state[key] for cid, state in clients.items()) - start[key]
+            momentum[key] = beta * momentum.get(key, 0.0) + update
+            gap = (value - (start[key] + eta * momentum[key])).abs().max().item()
+            assert gap < 1e-5, (number, key, gap)
+        plain = sum(weights[cid] * state["classifier.weight"] for cid, state in clients.items())
+        assert (entry["global"]["classifier.weight"] - plain).abs().max() > 1e-4  # the step is not the average
+
+
+@pytest.mark.parametrize("name", STEPPED)
+def test_resuming_with_a_server_optimizer_ends_with_the_uninterrupted_model(stepped_run, name):
+    run = stepped_run(name)
+    resumed = build(run["make_config"], name, output_dir=str(run["tmp"] / "resumed"))
+    resumed.train(resume_from_checkpoint=str(run["tmp"] / "out" / "round-1"))
+    expected = run["trainer"].model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", [name for name in STRATEGIES if name not in STEPPED])
+def test_a_strategy_without_a_server_optimizer_refuses_one(make_config, name):
+    with pytest.raises(ValueError, match="does not support a server optimizer"):
+        build(lambda **overrides: make_config(**SERVER_STEP, **overrides), name)
 
 
 def test_the_bytes_logged_are_the_bytes_of_the_tensors_sent(contract_run):

@@ -32,7 +32,8 @@ def run(launcher, output_dir, *flags):
     [
         ["--strategy", "fedavg"],
         ["--strategy", "flexlora", "--ranks", "2,4,8"],  # mixed ranks: stacked factors gathered in client order
-        ["--strategy", "fedex_lora"],  # a second running sum (the products) reduced over ranks
+        # a second running sum (the products) reduced over ranks; the same server step on every rank
+        ["--strategy", "fedex_lora", "--server_optimizer", "fedadam"],
         ["--strategy", "fedit", "--aggregation_rule", "median"],  # every payload gathered on every rank
         # 2 of 3 clients a round, so a client moves between ranks: what each client has folded is shared
         ["--strategy", "flora", "--ranks", "2,4,8", "--clients_per_round", "2", "--rounds", "4"],

@@ -124,6 +124,24 @@ def test_every_lora_recipe_runs_the_example(tmp_path, strategy):
     lora_weights_moved_only_where_targeted(tmp_path, ["query", "key", "value", "dense"])
 
 
+# AdamW clients at the short run's 1e-3 (as above); SCAFFOLD's SGD clients at its recipe's own rate
+@pytest.mark.parametrize(
+    ("recipe", "flags", "expected"),
+    [
+        ("fedadam", ["--learning_rate", "1e-3"], dict(strategy="fedavg", server_optimizer="fedadam")),
+        ("diloco", ["--learning_rate", "1e-3"], dict(strategy="fedavg", server_optimizer="nesterov")),
+        ("scaffold", [], dict(strategy="scaffold", optim="sgd")),
+    ],
+)
+def test_the_server_optimizer_and_drift_recipes_learn(tmp_path, recipe, flags, expected):
+    path = str(ROOT / "recipes" / f"{recipe}.yaml")
+    metrics = fed_glue.main([path, *LEARNS, *flags, "--output_dir", str(tmp_path)])
+    assert_learned(metrics)
+    saved = torch.load(tmp_path / "training_args.bin", weights_only=False)
+    assert {key: str(getattr(saved.optim, "value", saved.optim)) if key == "optim" else getattr(saved, key)
+            for key in expected} == expected  # fmt: skip
+
+
 def test_the_galore_lowrank_recipe_learns_and_sends_less_than_fedavg(tmp_path):
     recipe = str(ROOT / "recipes" / "galore_lowrank.yaml")
     metrics = fed_glue.main([recipe, *LEARNS, "--learning_rate", "1e-3", "--output_dir", str(tmp_path)])

@@ -59,13 +59,15 @@ def one_process(tmp_path_factory):
         ("zero2", ["--strategy", "fedavg"]),
         ("zero3", ["--strategy", "fedavg"]),
         ("zero3_offload", ["--strategy", "fedavg"]),
-        ("zero3", ["--strategy", "fedavg", "--update_clip_norm", "0.01"]),  # the norm of the whole update
+        # the norm of the whole update; FedAdam's moments kept and saved shard by shard
+        ("zero3", ["--strategy", "fedavg", "--update_clip_norm", "0.01", "--server_optimizer", "fedadam"]),
         ("zero3", ["--strategy", "fedit"]),  # LoRA factors averaged shard by shard; saved merged from the gather
         ("zero3", ["--strategy", "fedex_lora"]),  # the factors gathered for the products, the residual by shard
         # mixed ranks in one adapter of the largest rank (the rest zero-padded): the engine's parameters keep shape
         ("zero2_offload", ["--strategy", "flexlora", "--ranks", "2,4,8"]),
         ("zero3", ["--strategy", "flexlora", "--ranks", "2,4,8"]),  # dW folded into base partitions between rounds
-        ("zero3", ["--strategy", "flora", "--ranks", "2,4,8"]),
+        # the stacks folded into base partitions, each rank stepping its part of the dense update with FedYogi
+        ("zero3", ["--strategy", "flora", "--ranks", "2,4,8", "--server_optimizer", "fedyogi"]),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(value[1::2]),
 )

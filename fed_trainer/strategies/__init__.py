@@ -12,6 +12,7 @@ from fed_trainer.strategies.galore_lowrank import GaLoreLowRank
 from fed_trainer.strategies.galore_shared import GaLoreShared
 from fed_trainer.strategies.lora import LoraStrategy
 from fed_trainer.strategies.registry import available_strategies, get_strategy, register_strategy
+from fed_trainer.strategies.scaffold import Scaffold
 
 __all__ = [
     "Capabilities",
@@ -24,6 +25,7 @@ __all__ = [
     "GaLoreLowRank",
     "GaLoreShared",
     "LoraStrategy",
+    "Scaffold",
     "Strategy",
     "TensorDict",
     "available_strategies",

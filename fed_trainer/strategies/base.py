@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
+from fed_trainer.server_optimizer import ServerOptimizer
 from fed_trainer.strategies.capabilities import Capabilities
-from fed_trainer.zero import load_whole_state
+from fed_trainer.zero import load_whole_state, own_part, whole
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -48,6 +49,7 @@ class Strategy(ABC):
         self._mass = 0.0  # the sum of the weights aggregated this round
         self.sharded = False  # whether the model's parameters are ZeRO-3 partitions (see `on_model_sharded`)
         self.round_number = 0  # the round in progress (set by `begin_round`)
+        self.server_optimizer: ServerOptimizer | None = None  # the server's step on round updates (`setup`)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
@@ -55,6 +57,7 @@ class Strategy(ABC):
         Returns the model to train (a LoRA strategy wraps it in a `PeftModel`).
         """
         self.args = args
+        self.server_optimizer = ServerOptimizer.from_args(args)
         return model
 
     def client_callbacks(self) -> list:
@@ -93,6 +96,12 @@ class Strategy(ABC):
         A strategy whose message carries everything a client needs keeps nothing (the default). The simulation's
         clients share the server's live model, which already holds the global state, and skip this.
         """
+        return {}
+
+    def client_state(self, client_id) -> TensorDict:
+        """On a client that runs on its own machine, after its payload was taken: what it keeps for its next round
+        beyond what `catch_up` kept (merged over it); nothing by default. (The simulation keeps such state in the
+        strategy itself.)"""
         return {}
 
     def begin_round(self, round_number: int) -> None:
@@ -141,14 +150,39 @@ class Strategy(ABC):
         rank) counts them on one rank only."""
         return tensor_bytes(tensors)
 
+    def server_parameter(self, name: str) -> torch.Tensor | None:
+        """The live parameter that the server optimizer's state named `name` has the shape of (each rank steps its
+        partition of it under ZeRO-3); None for state that is whole on every rank."""
+        return None
+
     def state_dict(self) -> dict:
         """What the strategy needs, beyond the live model's weights, to continue a run (saved in round
         checkpoints); tensors only in plain containers. Called on every process (under ZeRO-3 it may gather)."""
-        return {}
+        if self.server_optimizer is None:
+            return {}
+
+        def gathered(name: str, shard: torch.Tensor) -> torch.Tensor:
+            param = self.server_parameter(name)
+            return shard if param is None else whole(shard, param)
+
+        return {"server_optimizer": self.server_optimizer.state_dict(gathered)}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         """Resume: load the checkpoint's `model_state` into `model` and restore `state` from `state_dict()`."""
+        if (self.server_optimizer is None) == ("server_optimizer" in state):
+            raise ValueError(
+                f"this run has server_optimizer={self.args.server_optimizer!r}, but the checkpoint was written by a "
+                f"run {'with' if 'server_optimizer' in state else 'without'} one: resume with the checkpointed run's "
+                "server_optimizer, or start a new run."
+            )
         load_whole_state(model, model_state)
+        if self.server_optimizer is not None:
+
+            def part(name: str, value: torch.Tensor) -> torch.Tensor:
+                param = self.server_parameter(name)
+                return value if param is None else own_part(param, value.to(param.device))
+
+            self.server_optimizer.load_state_dict(state["server_optimizer"], part)
 
     def merged_model(self, model: nn.Module) -> nn.Module:
         """The global model as a plain transformers model (strategies with adapters fold them in)."""

@@ -32,6 +32,7 @@ class Capabilities:
         undo_round: can put the last global model back when a round is abandonned (`min_clients_per_round`).
         folds_into_base: adds its updates into the base weights (so they must be trainable-precision weights).
         local_optimizer: the `optim` its clients must train with, or None for any.
+        server_optimizer: a server optimizer (`server_optimizer`, FedAdam and its kin) can step its round update.
     """
 
     lora: bool = False
@@ -43,6 +44,7 @@ class Capabilities:
     undo_round: bool = False
     folds_into_base: bool = False
     local_optimizer: str | None = None
+    server_optimizer: bool = False
 
 
 # capability -> (column of the generated tables, what a user asks for when it is needed)
@@ -60,6 +62,7 @@ COLUMNS = {
     "undo_round": ("undoes an abandoned round", "undoing an abandoned round"),
     "folds_into_base": ("folds updates into base weights", "folding updates into base weights"),
     "local_optimizer": ("client optimizer", "a client optimizer"),
+    "server_optimizer": ("server optimizer", "a server optimizer (server_optimizer)"),
 }
 
 
@@ -73,7 +76,9 @@ def registered(built_in: bool = False) -> dict[str, type[Strategy]]:
 
 
 # the order of the tables and error messages: as the methods are introduced in docs/methods.md; user strategies last
-ORDER = ["fedavg", "galore_lowrank", "galore_shared", "fedit", "ffa_lora", "flexlora", "fedex_lora", "flora"]
+ORDER = [
+    "fedavg", "galore_lowrank", "galore_shared", "scaffold", "fedit", "ffa_lora", "flexlora", "fedex_lora", "flora"
+]  # fmt: skip
 
 
 def supporting(capability: str) -> list[str]:
@@ -123,5 +128,7 @@ def check_capabilities(strategy: Strategy, args: FederatedConfig, peft_configs: 
             f"strategy {strategy.name!r} needs optim={caps.local_optimizer!r} (with optim_target_modules), got "
             f"optim={optim!r}; use strategy='fedavg' for other optimizers."
         )
+    if args.server_optimizer != "none" and not caps.server_optimizer:
+        raise refused(strategy, "server_optimizer", "Use server_optimizer='none' (docs/methods.md says why).")
     if deepspeed_zero_stage(args.deepspeed) == 3 and not caps.zero3:
         raise refused(strategy, "zero3", "Drop the ZeRO-3 config, or use ZeRO-2.")

@@ -42,7 +42,7 @@ class FedAvg(Strategy):
     paper = ("Communication-Efficient Learning of Deep Networks from Decentralized Data", "1602.05629")
 
     title = "FedAvg (full weights)"
-    capabilities = Capabilities(exact=True, robust_rules=True, zero3=True, undo_round=True)
+    capabilities = Capabilities(exact=True, robust_rules=True, zero3=True, undo_round=True, server_optimizer=True)
 
     def averaged_state(self, model: nn.Module) -> TensorDict:
         """The live tensors that are sent both ways and averaged with weights p_k."""
@@ -55,6 +55,15 @@ class FedAvg(Strategy):
 
     def _take_global_state(self, model: nn.Module) -> None:
         self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
+        # the averaged parameters (not buffers such as BatchNorm statistics, which take the plain average)
+        self.averaged_parameters = {name: p for name, p in model.named_parameters() if name in self.global_state}
+
+    def server_parameter(self, name: str):
+        return self.averaged_parameters.get(name)
+
+    def stepped(self, name: str) -> bool:
+        """Whether the server optimizer steps the averaged tensor `name` (every averaged parameter by default)."""
+        return name in self.averaged_parameters
 
     def on_model_sharded(self, model: nn.Module) -> None:
         self.sharded = True
@@ -111,6 +120,10 @@ class FedAvg(Strategy):
         else:
             aggregate = robust_aggregate(self._kept, args.aggregation_rule, args.trim_fraction)
             self._kept = []
+        optimizer = self.server_optimizer
         for name, value in self.global_state.items():
-            value.copy_(aggregate[name])
+            if optimizer is not None and self.stepped(name):
+                value.copy_(optimizer.moved(name, value, aggregate[name]))
+            else:
+                value.copy_(aggregate[name])
         FedAvg.restore_global(self, model)

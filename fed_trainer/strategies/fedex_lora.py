@@ -2,6 +2,10 @@
 
 R = sum_k p_k s B_k A_k - s B A (B, A the averages) is added to the frozen base weight, so the global model is
 exactly sum_k p_k W_k. Uplink r(out+in) per layer; the downlink adds the dense base update (out*in).
+
+With a server optimizer, each targeted layer's exact update Delta = sum_k p_k s B_k A_k - s B' A' (B', A' the
+factors of the last global model) is stepped as one dense tensor: the layer becomes W0 + s B' A' + u(Delta), with
+the averaged factors as its adapter and the rest folded into the base.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fed_trainer.strategies.lora import (
     LoraStrategy,
     factor_names,
     fold_into_base,
+    is_lora_factor,
     lora_factors,
     lora_parameters,
 )
@@ -35,7 +40,12 @@ class FedExLoRA(LoraStrategy):
     )
 
     title = "FedEx-LoRA"
-    capabilities = Capabilities(lora=True, exact=True, zero3=True, undo_round=True, folds_into_base=True)
+    capabilities = Capabilities(
+        lora=True, exact=True, zero3=True, undo_round=True, folds_into_base=True, server_optimizer=True
+    )
+
+    def stepped(self, name: str) -> bool:  # the factors are averaged; the server steps each layer's whole update
+        return super().stepped(name) and not is_lora_factor(name)
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
@@ -71,9 +81,23 @@ class FedExLoRA(LoraStrategy):
             self.load_base(message)  # (in the simulation, the live base itself: nothing changes)
 
     def finish_round(self, model: nn.Module) -> None:
+        previous = self._global_products() if self.server_optimizer is not None else {}
         super().finish_round(model)
         for name, layer in self.layers.items():
             a, b = lora_factors(layer)  # now the averaged factors
             average = self._products[name] / self.aggregated_weight
-            residual = average - layer.scaling[ADAPTER] * (b.float() @ a.float())
-            fold_into_base(layer, residual)
+            product = layer.scaling[ADAPTER] * (b.float() @ a.float())
+            if name in previous:  # W0 + s B A + u(Delta) = (W0 + previous - s B A) + u(average - previous)
+                fold_into_base(layer, previous[name] - product)
+                fold_into_base(layer, average - previous[name], self.base_step(name))
+            else:
+                fold_into_base(layer, average - product)
+
+    def _global_products(self) -> dict[str, torch.Tensor]:
+        """s B A of the last global model's factors, by layer (whole: a collective under ZeRO-3)."""
+        products = {}
+        for name, layer in self.layers.items():
+            pairs = zip(factor_names(name), lora_parameters(layer))
+            a, b = (whole(self.global_state[key], p).flatten(1).float() for key, p in pairs)
+            products[name] = layer.scaling[ADAPTER] * (b @ a)
+        return products

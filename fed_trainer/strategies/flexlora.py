@@ -13,6 +13,8 @@ restarts from it exactly; round checkpoints hold it too, so a resumed run contin
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -26,6 +28,10 @@ from fed_trainer.zero import own_part, whole
 @register_strategy("flexlora")
 class FlexLoRA(StackedLoraStrategy):
     """Keeps the exact global update sum p_k s_k B_k A_k; client k starts from its rank-r_k truncated SVD."""
+
+    # dW lives as rank-R factors that the clients' SVDs are taken from; a server optimizer's step is dense (momentum
+    # over rounds, entry-wise scaling), which those factors cannot hold
+    capabilities = dataclasses.replace(StackedLoraStrategy.capabilities, server_optimizer=False)
 
     title = "FlexLoRA"
     paper = (

@@ -115,10 +115,12 @@ class FLoRA(StackedLoraStrategy):
         kept = {key: weight.detach().clone() for key, weight in self.base_message().items()}
         return {**kept, SYNCED: torch.tensor(self.round_number - 1)}
 
-    def _fold(self, stacks: TensorDict) -> None:
-        """Add one round's stacked update, left @ right, to every targeted base weight."""
+    def _fold(self, stacks: TensorDict, server_step: bool = False) -> None:
+        """Add one round's stacked update, left @ right, to every targeted base weight (stepped by the server
+        optimizer if `server_step`)."""
         for name, layer in self.layers.items():
-            fold_into_base(layer, stacks[message_key(name, "stack_left")] @ stacks[message_key(name, "stack_right")])
+            update = stacks[message_key(name, "stack_left")] @ stacks[message_key(name, "stack_right")]
+            fold_into_base(layer, update, self.base_step(name) if server_step else None)
 
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
@@ -126,8 +128,12 @@ class FLoRA(StackedLoraStrategy):
         for name in self.layers:
             left, right = self.stacked(name)
             stacks.update({message_key(name, "stack_left"): left, message_key(name, "stack_right"): right})
-        self._fold(stacks)
-        self.history[self.round_number] = stacks
+        self._fold(stacks, server_step=True)
+        if self.server_optimizer is not None:
+            # the base moved by the optimizer's step, not by the stacks: every message carries the folded base
+            self.dropped_through = self.round_number
+        else:
+            self.history[self.round_number] = stacks
         while sum(map(tensor_bytes, self.history.values())) > self.base_bytes:
             # the older rounds would only ever be sent as the (cheaper) folded base
             self.dropped_through = min(self.history)

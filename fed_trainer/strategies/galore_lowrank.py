@@ -104,7 +104,9 @@ class GaLoreLowRank(FedAvg):
     """FedAvg's aggregate from GaLore clients that send each projected weight as (c, P, R) per projector period."""
 
     title = "GaLore + FedAvg, low-rank uplink"
-    capabilities = Capabilities(exact=True, robust_rules=True, undo_round=True, local_optimizer="galore_adamw")
+    capabilities = Capabilities(
+        exact=True, robust_rules=True, undo_round=True, local_optimizer="galore_adamw", server_optimizer=True
+    )
     paper = (
         "Why Gradient Subspace? Identifying and Mitigating LoRA's Bottlenecks in Federated Fine-Tuning of Large "
         "Language Models",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,7 @@ from fed_trainer.strategies.base import TensorDict, tensor_bytes
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
 from fed_trainer.strategies.keys import message_key, parse
-from fed_trainer.zero import add_whole, assign_whole, local_shard, whole
+from fed_trainer.zero import assign_whole, local_shard, own_part, whole
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -61,12 +62,20 @@ def lora_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return a.flatten(1), b.flatten(1)
 
 
-def fold_into_base(layer: LoraLayer, delta: torch.Tensor) -> None:
+def fold_into_base(
+    layer: LoraLayer, delta: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
     """Add an out x fan_in update to the frozen base weight, in the weight's own orientation and shape (Conv1D is
-    in x out; a Conv2d kernel is out x in x k x k); under ZeRO-3 each rank adds its part to its partition."""
+    in x out; a Conv2d kernel is out x in x k x k); under ZeRO-3 each rank adds its part to its partition.
+
+    With `step` (a server optimizer's step for this weight), each rank adds `step(its part of the update)` instead,
+    so the optimizer's state has the shape of the rank's partition.
+    """
     weight = layer.get_base_layer().weight
     shape = getattr(weight, "ds_shape", weight.shape)
-    add_whole(weight, transpose(delta, getattr(layer, "fan_in_fan_out", False)).reshape(shape))
+    part = own_part(weight, transpose(delta, getattr(layer, "fan_in_fan_out", False)).reshape(shape))
+    target = local_shard(weight).data
+    target.add_((part if step is None else step(part)).to(target.dtype))
 
 
 def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
@@ -107,7 +116,7 @@ class LoraStrategy(FedAvg):
     included, is averaged entry by entry. Subclasses change what travels and how the aggregate is applied.
     """
 
-    capabilities = Capabilities(lora=True, robust_rules=True, zero3=True, undo_round=True)
+    capabilities = Capabilities(lora=True, robust_rules=True, zero3=True, undo_round=True, server_optimizer=True)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         self.client_configs = self._checked_configs(peft_configs)
@@ -193,8 +202,25 @@ class LoraStrategy(FedAvg):
         for name, weight in self.base_weights().items():
             weight.data.copy_(tensors[message_key(name, "base")])
 
+    def base_step(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The server optimizer's step for the base weight of layer `name` (for `fold_into_base`), None without one.
+
+        Strategies that fold the exact update of a layer into its base weight step that dense update: its
+        optimizer state is as large as the base weight (per rank: its partition under ZeRO-3).
+        """
+        if self.server_optimizer is None:
+            return None
+        return lambda delta: self.server_optimizer.step(message_key(name, "base"), delta)
+
+    def server_parameter(self, name: str):
+        key = parse(name)
+        if key.part == "base":
+            return self.layers[key.tensor].get_base_layer().weight
+        return super().server_parameter(name)
+
     def state_dict(self) -> dict:
-        return {"scalings": {name: layer.scaling[ADAPTER] for name, layer in self.layers.items()}}
+        scalings = {name: layer.scaling[ADAPTER] for name, layer in self.layers.items()}
+        return {**super().state_dict(), "scalings": scalings}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         for name, layer in self.layers.items():
@@ -212,7 +238,13 @@ class StackedLoraStrategy(LoraStrategy):
     """
 
     capabilities = Capabilities(
-        lora=True, exact=True, heterogeneous_ranks=True, zero3=True, undo_round=True, folds_into_base=True
+        lora=True,
+        exact=True,
+        heterogeneous_ranks=True,
+        zero3=True,
+        undo_round=True,
+        folds_into_base=True,
+        server_optimizer=True,
     )
 
     def restore_global(self, model: nn.Module) -> None:

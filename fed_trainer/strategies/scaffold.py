@@ -1,0 +1,167 @@
+"""SCAFFOLD (Karimireddy et al., 2020), option II control variates, over full weights.
+
+The server keeps a control c and each client k its own control c_k (zero at first), one entry per trainable weight.
+A client corrects the gradient of every local step by c - c_k (after gradient clipping, before the optimizer step)
+and, having gone from the global x to y_k in its steps, sends y_k and
+Delta c_k = c_k+ - c_k = (x - y_k) / (sum of the learning rates of its steps) - c, where option II's
+c_k+ = c_k - c + (x - y_k) / (K lr) is written with the steps' own rates so that a schedule is followed. The server
+averages the weights as FedAvg does (x = sum_k p_k y_k) and moves c by the sampled clients' mean Delta c_k times
+|S| / N: c += sum_{k in S} Delta c_k / N. Downlink (x, c) and uplink (y_k, Delta c_k): twice FedAvg's bytes.
+
+The control estimate is an average gradient only for SGD-like steps: with another `optim` the run warns. Client
+controls persist across rounds: in the simulation the strategy keeps every client's on the CPU (N times the
+trainable weights, saved in round checkpoints); on Flower each SuperNode keeps its own (`client_state`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from fed_trainer.distributed import all_gather_tensors, all_reduce_sums
+from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.capabilities import Capabilities
+from fed_trainer.strategies.fedavg import FedAvg
+from fed_trainer.strategies.keys import message_key, parse
+from fed_trainer.strategies.registry import register_strategy
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ControlledSteps(TrainerCallback):
+    """On the client trainer: adds each weight's correction c - c_k to its gradient before every optimizer step, and
+    adds up the learning rates of the steps taken."""
+
+    def __init__(self) -> None:
+        self.corrections: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.rate_sum = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.rate_sum = 0.0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for param, correction in self.corrections:
+            if param.grad is None:  # no gradient reached it this step: the correction alone moves it
+                param.grad = correction.to(param.dtype).clone()
+            else:
+                param.grad.add_(correction.to(param.grad.dtype))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.rate_sum += optimizer.param_groups[0]["lr"]
+
+
+@register_strategy("scaffold")
+class Scaffold(FedAvg):
+    """FedAvg whose clients correct every step's gradient by the control variates c - c_k (option II); exact."""
+
+    title = "SCAFFOLD"
+    paper = ("SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", "1910.06378")
+    capabilities = Capabilities(exact=True, undo_round=True, server_optimizer=True)
+
+    def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
+        from fed_trainer.config import deepspeed_zero_stage
+
+        if deepspeed_zero_stage(args.deepspeed) > 0:
+            raise ValueError(
+                "strategy 'scaffold' corrects the gradients its clients' optimizer steps with, which DeepSpeed ZeRO "
+                "keeps in its own partitioned buffers: drop the DeepSpeed config, or use strategy='fedavg'."
+            )
+        optim = str(getattr(args.optim, "value", args.optim))
+        if optim != "sgd":
+            logger.warning(
+                "strategy 'scaffold' with optim=%r: its control estimate (x - y_k) / (K lr) is an average gradient "
+                "only for SGD steps; an adaptive optimizer's steps are normalised, so the corrections come out of "
+                "scale with the gradients they are added to. optim='sgd' is what SCAFFOLD is defined for.",
+                optim,
+            )
+        model = super().setup(model, args, peft_configs)
+        self.control = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.averaged_parameters.items()}
+        self.client_controls: dict = {}  # client -> its c_k, on the CPU (the simulation's clients' own state)
+        self.kept_control: TensorDict = {}  # on a SuperNode: its client's c_k, from what the node kept
+        self.steps = ControlledSteps()
+        return model
+
+    def client_callbacks(self) -> list[TrainerCallback]:
+        return [self.steps]
+
+    def server_message(self, client_id) -> TensorDict:
+        controls = {message_key(name, "control"): c for name, c in self.control.items()}
+        return {**super().server_message(client_id), **controls}
+
+    def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
+        self.kept_control = {parse(key).tensor: value for key, value in kept.items() if parse(key).part == "control"}
+        return kept
+
+    def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
+        super().load_client(model, message, client_id)
+        own = self.client_controls.get(client_id, self.kept_control)
+        params = dict(model.named_parameters())
+        self._server_control = {name: message[message_key(name, "control")].float() for name in self.control}
+        self._own = {name: own[name].to(c.device) if name in own else torch.zeros_like(c)
+                     for name, c in self._server_control.items()}  # fmt: skip
+        self._start = {name: message[name].detach().float().clone() for name in self.control}
+        self.steps.corrections = [(params[name], c - self._own[name]) for name, c in self._server_control.items()]
+
+    def client_payload(self, model: nn.Module, client_id) -> TensorDict:
+        payload = super().client_payload(model, client_id)
+        rate_sum = self.steps.rate_sum
+        if rate_sum <= 0:
+            raise ValueError(
+                f"client {client_id!r} took no optimizer step at a positive learning rate this round, so SCAFFOLD's "
+                "control update (x - y_k) / (K lr) is undefined."
+            )
+        changes = {
+            name: (start - payload[name].detach().float()) / rate_sum - self._server_control[name]
+            for name, start in self._start.items()
+        }
+        self._own_next = {name: self._own[name] + change for name, change in changes.items()}
+        self.steps.corrections = []
+        return {**payload, **{message_key(name, "control"): change for name, change in changes.items()}}
+
+    def client_state(self, client_id) -> TensorDict:
+        return {message_key(name, "control"): c.detach().cpu() for name, c in self._own_next.items()}
+
+    def begin_round(self, round_number: int) -> None:
+        super().begin_round(round_number)
+        self._control_sum: TensorDict | None = None  # sum of the round's Delta c_k, unweighted
+        self._updated: dict = {}  # client -> its c_k+ (this process's clients)
+
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        super().aggregate({k: v for k, v in payload.items() if parse(k).part != "control"}, weight, client_id)
+        changes = {name: payload[message_key(name, "control")].detach().float() for name in self.control}
+        if self._control_sum is None:
+            self._control_sum = {name: torch.zeros_like(c) for name, c in self.control.items()}
+        for name, change in changes.items():
+            self._control_sum[name].add_(change.to(self._control_sum[name].device))
+        old = self.client_controls.get(client_id, {})
+        self._updated[client_id] = {n: c.cpu() + old[n] if n in old else c.cpu() for n, c in changes.items()}
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        self._control_sum = all_reduce_sums(self._control_sum)
+        merged = {}
+        for part in all_gather_tensors(self._updated, torch.device("cpu")):  # a client's next round may be elsewhere
+            merged.update(part)
+        self._updated = merged
+
+    def finish_round(self, model: nn.Module) -> None:
+        super().finish_round(model)
+        for name, total in (self._control_sum or {}).items():  # c += (|S| / N) mean_k Delta c_k
+            self.control[name].add_(total, alpha=1.0 / self.args.num_clients)
+        self.client_controls.update(self._updated)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "control": self.control, "client_controls": self.client_controls}
+
+    def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
+        super().load_state_dict(model, state, model_state)
+        for name, value in state["control"].items():
+            self.control[name].copy_(value)
+        self.client_controls = state["client_controls"]
