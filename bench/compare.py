@@ -3,9 +3,11 @@
 Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), galore_lowrank (the same aggregate,
 rank-r uplink), galore_shared (one server-picked projector for all clients, R-only uplink; also kept 4 rounds,
 without and with averaged Adam moments: galore_shared_r4, galore_shared_r4_moments), fedit, ffa_lora, flexlora,
-fedex_lora, flora; references: centralized (one client holding all the data, the same number of optimizer steps
-and examples as a federated run) and local_only (each client trains alone for the same number of steps; the mean
-of their results). Tasks (bench/tasks.py):
+fedex_lora, flora; server optimizers on fedavg (fedavgm, nesterov, fedadam) and on fedex_lora (fedex_lora_fedadam),
+fedprox on fedavg, each sweeping its own option (eta, mu) at its base method's winning rate; scaffold with SGD
+clients, and fedavg_sgd, FedAvg with the same SGD clients, to compare it with; references: centralized (one client
+holding all the data, the same number of optimizer steps and examples as a federated run) and local_only (each
+client trains alone for the same number of steps; the mean of their results). Tasks (bench/tasks.py):
 
 - `text` (default): all-MiniLM-L6-v2 on BBC News topics and movie-review sentiment, Dirichlet label splits with
   alpha in {0.1, 1.0} over 10 clients, 5 sampled per round; metric: validation accuracy.
@@ -52,6 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig  # noqa: E402
+from results_tables import rates  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed  # noqa: E402
 
@@ -69,6 +72,13 @@ METHODS = [
     "flexlora",
     "fedex_lora",
     "flora",
+    "fedavgm",
+    "nesterov",
+    "fedadam",
+    "fedex_lora_fedadam",
+    "fedprox",
+    "fedavg_sgd",
+    "scaffold",
     "centralized",
     "local_only",
 ]
@@ -76,6 +86,7 @@ STRATEGY = {
     "galore_fedavg": "fedavg",
     "galore_shared_r4": "galore_shared",
     "galore_shared_r4_moments": "galore_shared",
+    "fedavg_sgd": "fedavg",
     "centralized": "fedavg",
     "local_only": "fedavg",
 }
@@ -84,21 +95,47 @@ STRATEGY = {
 OPTIONS = {
     "galore_shared_r4": dict(strategy_kwargs={"refresh_rounds": 4}),
     "galore_shared_r4_moments": dict(strategy_kwargs={"refresh_rounds": 4, "average_moments": True}),
+    "fedavg_sgd": dict(optim="sgd"),
+    "scaffold": dict(optim="sgd"),
+}
+# Methods built on another: (base method, its fixed settings, the option it sweeps, that option's grid; the first
+# value is --quick's). They train at their base method's winning learning rate (so the base runs first) and sweep
+# their own option instead: the server's eta, FedProx's mu.
+ADAPTIVE_ETA = [1e-3, 3e-4, 3e-3]
+VARIANTS = {
+    "fedavgm": ("fedavg", dict(server_optimizer="fedavgm"), "server_learning_rate", [1.0, 0.5, 2.0]),
+    "nesterov": ("fedavg", dict(server_optimizer="nesterov"), "server_learning_rate", [0.7, 0.3, 1.0]),
+    "fedadam": ("fedavg", dict(server_optimizer="fedadam"), "server_learning_rate", ADAPTIVE_ETA),
+    "fedex_lora_fedadam": ("fedex_lora", dict(server_optimizer="fedadam"), "server_learning_rate", ADAPTIVE_ETA),
+    "fedprox": ("fedavg", {}, "proximal_mu", [0.1, 0.01, 1.0]),
 }
 
 
 def strategy_of(method: str) -> str:
+    if method in VARIANTS:
+        return strategy_of(VARIANTS[method][0])
     return STRATEGY.get(method, method)
 
 
-GALORE_METHODS = ("galore_fedavg", "galore_lowrank", "galore_shared", *OPTIONS)
+GALORE_METHODS = ("galore_fedavg", "galore_lowrank", "galore_shared", "galore_shared_r4", "galore_shared_r4_moments")
 
 
 def family(method: str) -> str:
-    """Which learning-rate grid a method sweeps: `lora`, `galore` or `full`."""
+    """Which learning-rate grid a method trains with: `lora`, `galore`, `sgd` (plain SGD clients) or `full`."""
+    if method in VARIANTS:
+        return family(VARIANTS[method][0])
     if method in GALORE_METHODS:
         return "galore"
+    if OPTIONS.get(method, {}).get("optim") == "sgd":
+        return "sgd"
     return "lora" if strategy_of(method) != "fedavg" else "full"
+
+
+def swept(task: Task, method: str) -> tuple[str, list[float]]:
+    """The option a method sweeps and its grid: the learning rate of its family, or a variant's own option."""
+    if method in VARIANTS:
+        return VARIANTS[method][2], VARIANTS[method][3]
+    return "learning_rate", task.lr_grid[family(method)]
 
 
 class PeakRSS:
@@ -157,8 +194,9 @@ def seeded_model(task: Task, seed: int):
     return task.model()
 
 
-def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a, alpha, out) -> dict:
-    """One run; returns the metric per round, bytes, peak RSS and wall time."""
+def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a, alpha, out, extra=None) -> dict:
+    """One run at local learning rate `lr` (with `extra` config, a variant's swept option); returns the metric per
+    round, bytes, peak RSS and wall time."""
     key = f"eval_{task.metric}"
     common = dict(
         output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=32, learning_rate=lr,
@@ -190,7 +228,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
                 clients_per_round=None if centralized else a.per_round, num_rounds=a.rounds,
                 local_steps=a.local_steps * a.per_round if centralized else a.local_steps,
                 strategy=strategy_of(method), **(task.galore if method in GALORE_METHODS else {}),
-                **OPTIONS.get(method, {}), **common,
+                **OPTIONS.get(method, {}), **(VARIANTS[method][1] if method in VARIANTS else {}), **(extra or {}),
+                **common,
             )  # fmt: skip
             trainer = FederatedTrainer(
                 model=seeded_model(task, seed), args=config, client_datasets=[train] if centralized else clients,
@@ -318,7 +357,8 @@ def main() -> None:
     started = time.perf_counter()
     commit = git_commit()  # at the start: the code that runs, whatever changes in the tree meanwhile
     sweep: dict = {}
-    best_lr = {m: task.lr_grid[family(m)][0] for m in a.methods}
+    bases = {VARIANTS[m][0] for m in a.methods if m in VARIANTS}
+    best_lr = {m: swept(task, m)[1][0] for m in {*a.methods, *bases}}  # the kept value of each swept option
     raw: dict = {}
     with tempfile.TemporaryDirectory() as out:
         for d_index, name in enumerate(a.datasets):
@@ -329,12 +369,16 @@ def main() -> None:
                 for method in a.methods:
                     for seed in seeds:
                         first = d_index == 0 and a_index == 0 and seed == seeds[0] and not a.quick
-                        lrs = task.lr_grid[family(method)] if first else [best_lr[method]]
+                        option, grid = swept(task, method)
+                        lrs = grid if first else [best_lr[method]]
                         tried = {}
                         for lr in lrs:
                             elapsed = time.perf_counter() - started
-                            print(f"[{elapsed:6.0f}s] {setting} {method} seed={seed} lr={lr:g}", flush=True)
-                            tried[lr] = run_one(task, method, lr, seed, train, validation, a, alpha, out)
+                            print(f"[{elapsed:6.0f}s] {setting} {method} seed={seed} {option}={lr:g}", flush=True)
+                            local, extra = (lr, {})
+                            if method in VARIANTS:  # at its base's winning rate
+                                local, extra = best_lr[VARIANTS[method][0]], {option: lr}
+                            tried[lr] = run_one(task, method, local, seed, train, validation, a, alpha, out, extra)
                         if first:
                             best = lrs[0]
                             for lr in lrs[1:]:
@@ -347,9 +391,8 @@ def main() -> None:
         finals = [statistics.mean(r["final"] for r in runs) for runs in methods.values()]
         targets[setting] = task.target(max(finals) if task.metric == "accuracy" else min(finals))
         results[setting] = {
-            m: {**summarize(task, runs, targets[setting]), "learning_rate": best_lr[m]} for m, runs in methods.items()
+            m: {**summarize(task, runs, targets[setting]), **kept(m, best_lr)} for m, runs in methods.items()
         }
-    print_table(results, targets, task.metric)
     report = {
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
@@ -361,6 +404,7 @@ def main() -> None:
         "lr_grid": task.lr_grid,
         "lr_sweep": {"setting": f"{next(iter(raw))}, seed 0", "final": sweep},
         "learning_rates": best_lr,
+        "swept_options": {m: swept(task, m)[0] for m in a.methods},
         "target": targets,
         "results": results,
         "runs": raw,
@@ -370,6 +414,7 @@ def main() -> None:
         },
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }  # fmt: skip
+    print_table(report)
     if a.plots:
         report["plots"] = plot(results, task.metric, Path(a.plots))
     if a.json:
@@ -388,15 +433,24 @@ def git_commit() -> str:
     return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if dirty else "")
 
 
-def print_table(results: dict, targets: dict, metric: str) -> None:
-    header = f"{'setting':<24} {'method':<24} {'lr':>7} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
+def kept(method: str, best: dict) -> dict:
+    """A method's local learning rate, and for a variant the value of the option it swept."""
+    if method in VARIANTS:
+        base, _, option, _ = VARIANTS[method]
+        return {"learning_rate": best[base], option: best[method]}
+    return {"learning_rate": best[method]}
+
+
+def print_table(report: dict) -> None:
+    results, targets, metric = report["results"], report["target"], report["metric"]
+    header = f"{'setting':<24} {'method':<24} {'lr':>16} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
     header += f"{'MB sent':>10} {'peak MiB':>9} {'wall s':>7}"
     print("\n" + header)
     for setting, methods in results.items():
         for method, s in methods.items():
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             print(
-                f"{setting:<24} {method:<24} {s['learning_rate']:>7g} "
+                f"{setting:<24} {method:<24} {rates(report, method, s):>16} "
                 f"{s['final_mean']:>8.4f}±{s['final_std']:.4f} {s['best_mean']:>6.3f} "
                 f"{reached:>11} {s['total_bytes'] / 1e6:>10.1f} {s['peak_rss_mib']:>9.0f} {s['wall_s_mean']:>7.1f}"
             )

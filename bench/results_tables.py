@@ -49,7 +49,8 @@ def table(report: dict) -> str:
         for method, s in methods.items():
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             lines.append(
-                f"| {setting} | {method} | {s['learning_rate']:g} | {s['final_mean']:.4f} ± {s['final_std']:.4f} | "
+                f"| {setting} | {method} | {rates(report, method, s)} | "
+                f"{s['final_mean']:.4f} ± {s['final_std']:.4f} | "
                 f"{s['best_mean']:.3f} | {reached} | {s['total_bytes'] / 1e6:.1f} | {s['peak_rss_mib']:.0f} | "
                 f"{s['wall_s_mean']:.1f} |"
             )
@@ -61,12 +62,25 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+OPTION_NAMES = {"server_learning_rate": "eta", "proximal_mu": "mu"}
+
+
+def rates(report: dict, method: str, summary: dict) -> str:
+    """The "lr" cell: the local learning rate, and the option a method built on another swept (eta, mu)."""
+    option = report.get("swept_options", {}).get(method, "learning_rate")
+    cell = f"{summary['learning_rate']:g}"
+    return cell if option == "learning_rate" else f"{cell}, {OPTION_NAMES.get(option, option)} {summary[option]:g}"
+
+
 def sweep(report: dict) -> str:
-    """The learning-rate sweep: each method's final metric at every rate of its grid, the rate it kept in bold."""
+    """The sweep: each method's final metric at every value of its grid (its learning rate, or for a method built
+    on another its own option), the value it kept in bold."""
     parts = []
     for method, finals in report["lr_sweep"]["final"].items():
         kept = report["learning_rates"][method]
-        cells = [f"**{v:.4g}** ({float(lr):g})" if float(lr) == kept else f"{v:.4g} ({float(lr):g})"
+        option = report.get("swept_options", {}).get(method, "learning_rate")
+        name = "" if option == "learning_rate" else f"{OPTION_NAMES.get(option, option)} "
+        cells = [f"**{v:.4g}** ({name}{float(lr):g})" if float(lr) == kept else f"{v:.4g} ({name}{float(lr):g})"
                  for lr, v in finals.items()]  # fmt: skip
         parts.append(f"{method} " + " / ".join(cells))
     where = f"{report['lr_sweep']['setting']} (final {report['metric']} at each rate; kept in bold)"

@@ -66,6 +66,7 @@ class TextClassification(Task):
         "full": [3e-4, 1e-4, 1e-3, 3e-3, 3e-5],
         "galore": [3e-3, 1e-3, 1e-2],
         "lora": [1e-2, 5e-3, 2e-2, 5e-2],
+        "sgd": [3e-1, 1e-1, 1.0],  # SGD clients (fedavg_sgd, scaffold): the recipe learns at 0.3
     }
     lora = dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
     galore = dict(
@@ -94,7 +95,7 @@ class TextClassification(Task):
 
 class InstructionTuning(Task):
     name, datasets, metric, client_column = "instruct", ("chatterbot",), "loss", "topic"
-    lr_grid = {"full": [5e-5, 2e-5], "galore": [2e-4, 5e-4], "lora": [1e-3, 3e-4]}
+    lr_grid = {"full": [5e-5, 2e-5], "galore": [2e-4, 5e-4], "lora": [1e-3, 3e-4], "sgd": [1e-2, 3e-3]}
     lora = dict(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     galore = dict(
         optim="galore_adamw",
@@ -120,7 +121,7 @@ class InstructionTuning(Task):
 
 class ImageClassification(Task):
     name, datasets = "vision", ("fashion_mnist",)
-    lr_grid = {"full": [3e-3, 1e-3], "galore": [3e-3, 1e-3], "lora": [1e-2, 3e-3]}
+    lr_grid = {"full": [3e-3, 1e-3], "galore": [3e-3, 1e-3], "lora": [1e-2, 3e-3], "sgd": [3e-2, 1e-1]}
     lora = dict(r=8, lora_alpha=16, target_modules=POINTWISE_CONVS, modules_to_save=[CLASSIFIER])
     # transformers applies GaLore to nn.Linear weights only: in EfficientNet-Lite0 that is the classifier.
     galore = dict(optim="galore_adamw", optim_target_modules=[CLASSIFIER], optim_args="rank=8,update_proj_gap=20")
