@@ -124,11 +124,18 @@ def test_every_lora_recipe_runs_the_example(tmp_path, strategy):
     lora_weights_moved_only_where_targeted(tmp_path, ["query", "key", "value", "dense"])
 
 
+def test_the_fedadam_recipe_sets_the_server_optimizer():
+    """Parsed only (CI time): its server step is tested in tests/test_server_optimizer.py, and a server-optimizer
+    recipe learns in the next test (diloco)."""
+    _, _, args = fed_glue.parse_args([str(ROOT / "recipes" / "fedadam.yaml")])
+    assert (args.strategy, args.server_optimizer, args.server_learning_rate) == ("fedavg", "fedadam", 1e-3)
+    assert args.server_betas == [0.9, 0.99] and args.server_epsilon == 1e-6
+
+
 # AdamW clients at the short run's 1e-3 (as above); SCAFFOLD's SGD clients at its recipe's own rate
 @pytest.mark.parametrize(
     ("recipe", "flags", "expected"),
     [
-        ("fedadam", ["--learning_rate", "1e-3"], dict(strategy="fedavg", server_optimizer="fedadam")),
         ("diloco", ["--learning_rate", "1e-3"], dict(strategy="fedavg", server_optimizer="nesterov")),
         ("scaffold", [], dict(strategy="scaffold", optim="sgd")),
     ],
