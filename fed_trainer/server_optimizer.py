@@ -98,7 +98,8 @@ class ServerOptimizer:
     def moved(self, name: str, current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The new value of tensor `name`, now `current`, whose clients' aggregate is `target`: current + u_t with
         Delta_t = target - current (float32)."""
-        return current.float() + self.step(name, target.float() - current.float())
+        current = current.float()
+        return current + self.step(name, target.float() - current)
 
     def state_dict(self, whole: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t) -> dict:
         """The buffers by tensor name, each passed through `whole(name, tensor)` (a strategy under ZeRO-3 gathers

@@ -54,10 +54,8 @@ class FedExLoRA(LoraStrategy):
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         super().aggregate(payload, weight, client_id)
         coefficient = weight * self.scaling(client_id)
-        for name, layer in self.layers.items():  # whole factors: under ZeRO-3 the payload holds this rank's shards
-            pairs = zip(factor_names(name), lora_parameters(layer))
-            a, b = (whole(payload[key].detach(), p).flatten(1).float() for key, p in pairs)
-            product = (b @ a).mul_(coefficient)
+        for name, layer in self.layers.items():
+            product = self._product(name, layer, payload, coefficient)
             if name in self._products:
                 self._products[name].add_(product)
             else:
@@ -94,10 +92,14 @@ class FedExLoRA(LoraStrategy):
                 fold_into_base(layer, average - product)
 
     def _global_products(self) -> dict[str, torch.Tensor]:
-        """s B A of the last global model's factors, by layer (whole: a collective under ZeRO-3)."""
-        products = {}
-        for name, layer in self.layers.items():
-            pairs = zip(factor_names(name), lora_parameters(layer))
-            a, b = (whole(self.global_state[key], p).flatten(1).float() for key, p in pairs)
-            products[name] = layer.scaling[ADAPTER] * (b @ a)
-        return products
+        """s B A of the last global model's factors, by layer."""
+        return {name: self._product(name, layer, self.global_state, layer.scaling[ADAPTER])
+                for name, layer in self.layers.items()}  # fmt: skip
+
+    @staticmethod
+    def _product(name: str, layer, tensors: TensorDict, coefficient: float) -> torch.Tensor:
+        """coefficient * B A of layer `name`, in float32, from the factors held in `tensors` (under ZeRO-3 this rank's
+        shards, gathered whole: a collective)."""
+        pairs = zip(factor_names(name), lora_parameters(layer))
+        a, b = (whole(tensors[key].detach(), p).flatten(1).float() for key, p in pairs)
+        return (b @ a).mul_(coefficient)
