@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Federated instruction tuning of a causal LM: each client holds the question/answer pairs of one topic.
+"""Federated instruction tuning of a causal LM with TRL's SFTTrainer as every client's trainer: each client holds the
+question/answer pairs of one topic.
 
 Runs offline with no arguments: the bundled SmolLM2-135M-Instruct (rebuilt once from its GGUF as a plain fp32
 model) on the chatterbot-corpus English Q/A pairs, one client per topic file (21 natural clients of very unequal
-size), each pair in the model's chat template with the loss on the answer only. Reports validation loss and
-perplexity.
+size). Each pair is a two-turn conversation (`messages`); TRL applies the chat template, puts the loss on the
+assistant's reply only (`assistant_only_loss`) and cuts to `max_length`. Reports validation loss and perplexity.
+Every `SFTConfig` option applies to the clients' local training (`--packing`, `--max_length`, ...).
 
     python examples/fed_instruct.py
     accelerate launch examples/fed_instruct.py
@@ -27,18 +29,18 @@ from dataclasses import dataclass, field
 
 import transformers
 from datasets import DatasetDict, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from fed_trainer import FederatedConfig, FederatedTrainer
-from fed_trainer.assets import load_chatterbot_qa, smollm2_path
-from fed_trainer.chat import chat_example_tokenizer, has_answer_tokens
+from fed_trainer import FederatedSFTConfig, FederatedSFTTrainer
+from fed_trainer.assets import SMOLLM2_TRAINING_CHAT_TEMPLATE, load_chatterbot_qa, smollm2_path
 from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
 from fed_trainer.distributed import end_process_group
 
 logger = logging.getLogger(__name__)
 
 # The embedded default run: 4 of the 21 topic clients per round, 3 rounds of 5 local steps; a few minutes on 2
-# CPU cores. Full fine-tuning wants a small rate; LoRA strategies want about 10x more (pass --learning_rate).
+# CPU cores. Full fine-tuning wants a small rate; LoRA strategies want about 10x more (pass --learning_rate). TRL's
+# bf16 and gradient checkpointing defaults are turned off: this runs in fp32 on CPUs.
 DEFAULTS = dict(
     **EXAMPLE_DEFAULTS,
     output_dir="fed_instruct_output",
@@ -50,13 +52,21 @@ DEFAULTS = dict(
     learning_rate=2e-5,
     warmup_steps=2,
     max_eval_samples=64,
+    max_length=96,
+    assistant_only_loss=True,
+    bf16=False,
+    gradient_checkpointing=False,
 )
 
 
 @dataclass
 class ModelArguments(LoraArguments):
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A causal LM with a chat template (default: the bundled SmolLM2-135M)."}
+        default=None,
+        metadata={
+            "help": "A causal LM with a chat template (default: the bundled SmolLM2-135M); with assistant_only_loss "
+            "its template needs TRL's {% generation %} markers, which TRL adds for the templates it knows."
+        },
     )
 
 
@@ -67,14 +77,23 @@ class DataArguments:
     )
     validation_file: str | None = field(default=None, metadata={"help": "Validation file with the same columns."})
     client_column: str = field(default="topic", metadata={"help": "The column that names each example's client."})
-    max_seq_length: int = field(default=96, metadata={"help": "Longer conversations are cut to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, FederatedConfig]:
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, FederatedSFTConfig]:
     """CLI flags over a YAML recipe (`--config FILE` or a lone positional `.yaml`) over the embedded defaults."""
-    return parse_args_with_recipe((ModelArguments, DataArguments, FederatedConfig), argv, DEFAULTS)
+    return parse_args_with_recipe((ModelArguments, DataArguments, FederatedSFTConfig), argv, DEFAULTS)
+
+
+def conversation(example: dict) -> dict:
+    """A question/answer pair as TRL's conversational format."""
+    return {
+        "messages": [
+            {"role": "user", "content": example["question"]},
+            {"role": "assistant", "content": example["answer"]},
+        ]
+    }
 
 
 def load_raw_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
@@ -110,31 +129,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     model_path = model_args.model_name_or_path or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if model_args.model_name_or_path is None:  # the same text, with the assistant's turns marked for TRL
+        tokenizer.chat_template = SMOLLM2_TRAINING_CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="float32")
 
     client_column = data_args.client_column
-    with training_args.main_process_first(desc="tokenizing"):
-        tokenized = raw.map(
-            chat_example_tokenizer(tokenizer, data_args.max_seq_length),
-            remove_columns=[c for c in raw["train"].column_names if c != client_column],
-            desc="chat template",
-        ).filter(has_answer_tokens, desc="dropping examples cut to no answer")
-    train, validation = tokenized["train"], tokenized["validation"].remove_columns(client_column)
+    conversations = raw.map(conversation, remove_columns=["question", "answer"], desc="conversations")
+    train, validation = conversations["train"], conversations["validation"].remove_columns(client_column)
     clients = {
         name: train.filter(lambda e, name=name: e[client_column] == name).remove_columns(client_column)
         for name in sorted(set(train[client_column]))
     }
     logger.info("%d clients: %s", len(clients), {name: len(ds) for name, ds in clients.items()})
 
-    trainer = FederatedTrainer(
+    trainer = FederatedSFTTrainer(
         model=model,
         args=training_args,
         client_datasets=clients,
         eval_dataset=validation,
         processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
         peft_config=model_args.peft_config(training_args.strategy, task_type="CAUSAL_LM"),
         client_peft_configs=model_args.lora_ranks,
     )

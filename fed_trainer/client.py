@@ -133,8 +133,9 @@ def client_trainer_class(base: type[Trainer]) -> type[Trainer]:
 
 
 def client_training_args(args: FederatedConfig) -> TrainingArguments:
-    """The outer config as plain `TrainingArguments` for one local run: no saving, eval, logging or reports."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    """The outer config as the arguments of one local run (`args.client_args_class`: `TrainingArguments`, or TRL's
+    `SFTConfig` / `DPOConfig`), less the federated fields: no saving, eval, logging or reports."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args.client_args_class) if f.init}
     values.update(
         max_steps=args.local_steps if args.local_steps is not None else -1,
         num_train_epochs=args.local_epochs if args.local_epochs is not None else 1.0,
@@ -146,7 +147,7 @@ def client_training_args(args: FederatedConfig) -> TrainingArguments:
         load_best_model_at_end=False,
         eval_on_start=False,
     )
-    return TrainingArguments(**values)
+    return args.client_args_class(**values)
 
 
 def local_steps_for(args: FederatedConfig, num_examples: int) -> int:
@@ -161,19 +162,20 @@ def local_steps_for(args: FederatedConfig, num_examples: int) -> int:
 class ClientRunner:
     """Builds the inner client trainer once and trains one client at a time on the shared model.
 
-    The client trainer is an instance of `client_trainer_class(outer.client_trainer_cls)`; `outer.client_callbacks`
-    are added to it (they see every client's local steps, like callbacks of a plain `Trainer` run).
+    The client trainer is an instance of `client_trainer_class(outer.client_trainer_cls)`, built with the outer
+    trainer's model and processing class and `outer.client_trainer_kwargs()`, and given its
+    `optimizer_cls_and_kwargs` (which not every TRL trainer takes as an argument); `outer.client_callbacks` are added
+    to it (they see every client's local steps, like callbacks of a plain `Trainer` run).
     """
 
     def __init__(self, outer: Trainer) -> None:
         self.trainer = client_trainer_class(outer.client_trainer_cls)(
             model=outer.model,
             args=client_training_args(outer.args),
-            data_collator=outer.data_collator,
             processing_class=outer.processing_class,
-            compute_loss_func=outer.compute_loss_func,
-            optimizer_cls_and_kwargs=outer.optimizer_cls_and_kwargs,
+            **outer.client_trainer_kwargs(),
         )
+        self.trainer.optimizer_cls_and_kwargs = outer.optimizer_cls_and_kwargs
         self.trainer.proximal_mu = outer.args.proximal_mu
         self.trainer.pop_callback(PrinterCallback)
         self.trainer.pop_callback(ProgressCallback)

@@ -187,6 +187,8 @@ class FederatedConfig(TrainingArguments):
     )
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "strategy_kwargs"]  # JSON strings become dicts
+    # the arguments class of one client's local run: these fields, less the federated ones (see `client_training_args`)
+    client_args_class = TrainingArguments
     # deprecated field -> the strategy option it stands for (the fields go in the release after next)
     _DEPRECATED_OPTIONS = {"galore_refresh_rounds": "refresh_rounds", "galore_average_moments": "average_moments"}
 

@@ -138,6 +138,12 @@ class FederatedTrainer(Trainer):
         self.client_executor: ClientExecutor = InProcessClients()
         share_engine(self)
 
+    def client_trainer_kwargs(self) -> dict:
+        """Arguments of the client trainer beyond its model, args, processing class and optimizer class (see
+        `ClientRunner`): here the data collator and `compute_loss_func`; `FederatedSFTTrainer` and
+        `FederatedDPOTrainer` pass what TRL's trainers take instead."""
+        return {"data_collator": self.data_collator, "compute_loss_func": self.compute_loss_func}
+
     def train(
         self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval=None, **kwargs
     ) -> TrainOutput:

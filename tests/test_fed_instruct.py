@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
+from trl import SFTConfig, SFTTrainer
 
-from fed_trainer.assets import load_chatterbot_qa, smollm2_path
+from fed_trainer.assets import SMOLLM2_TRAINING_CHAT_TEMPLATE, load_chatterbot_qa, smollm2_path
 from fed_trainer.chat import IGNORE_INDEX, chat_example_tokenizer, has_answer_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import fed_instruct  # noqa: E402
 
 SHORT = [
-    "--clients_per_round", "2", "--local_steps", "2", "--max_eval_samples", "8", "--max_seq_length", "64",
+    "--clients_per_round", "2", "--local_steps", "2", "--max_eval_samples", "8", "--max_length", "64",
     "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8", "--warmup_steps", "0",
     "--disable_tqdm", "true",
 ]  # fmt: skip
@@ -44,6 +45,48 @@ def test_chat_examples_put_the_loss_on_the_answer_only(tokenizer):
     assert example["labels"][: -len(answer)] == [IGNORE_INDEX] * (len(example["input_ids"]) - len(answer))
     cut = chat_example_tokenizer(tokenizer, 8)({"question": "What is AI?", "answer": "A field of study."})
     assert len(cut["input_ids"]) == 8 and not has_answer_tokens(cut)
+
+
+def test_the_training_chat_template_renders_smollm2s_text(tokenizer):
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "A field of study."},
+    ]
+    for messages in (turns, system + turns, turns[:1], turns[:3]):
+        for generation_prompt in (False, True):
+            expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            rendered = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt,
+                chat_template=SMOLLM2_TRAINING_CHAT_TEMPLATE,
+            )  # fmt: skip
+            assert rendered == expected
+    marked = tokenizer.apply_chat_template(
+        turns, chat_template=SMOLLM2_TRAINING_CHAT_TEMPLATE, return_dict=True, return_assistant_tokens_mask=True
+    )
+    replies = [t for t, mask in zip(marked["input_ids"], marked["assistant_masks"]) if mask]
+    assert tokenizer.decode(replies) == "Hello.<|im_end|>\nA field of study.<|im_end|>\n"
+
+
+def test_the_benchmarks_formatting_gives_the_tokens_and_labels_trl_gives(tokenizer, tmp_path):
+    """bench/compare.py's instruct task formats pairs with fed_trainer.chat; the example uses TRL's SFT preparation.
+    Both must train on the same tokens with the same labels."""
+    pairs = load_chatterbot_qa(seed=42)["train"].select(range(200))
+    ours = pairs.map(chat_example_tokenizer(tokenizer, 64), remove_columns=pairs.column_names)
+    conversations = pairs.map(fed_instruct.conversation, remove_columns=pairs.column_names)
+    trl_tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    trl_tokenizer.chat_template = SMOLLM2_TRAINING_CHAT_TEMPLATE
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(trl_tokenizer), hidden_size=8, num_hidden_layers=1,
+                                        num_attention_heads=1, intermediate_size=8))  # fmt: skip
+    args = SFTConfig(output_dir=str(tmp_path), max_length=64, assistant_only_loss=True, bf16=False, use_cpu=True,
+                     report_to="none", gradient_checkpointing=False)  # fmt: skip
+    theirs = SFTTrainer(model=tiny, args=args, train_dataset=conversations, processing_class=trl_tokenizer)
+    kept = ours.filter(has_answer_tokens)  # TRL drops the pairs truncation left without an answer token, too
+    assert len(kept) == len(theirs.train_dataset) > 190
+    for a, b in zip(kept, theirs.train_dataset):
+        assert (a["input_ids"], a["labels"]) == (b["input_ids"], b["labels"])
 
 
 def validation_loss(model_path, tokenizer) -> float:

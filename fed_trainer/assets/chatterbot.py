@@ -30,3 +30,22 @@ def load_chatterbot_qa(validation_fraction: float = 0.1, seed: int = 42) -> Data
             split["answer"].append(answer.strip())
             split["topic"].append(path.stem)
     return DatasetDict({name: Dataset.from_dict(columns) for name, columns in splits.items()})
+
+
+def chatterbot_preference_pairs(qa: Dataset, seed: int = 0) -> Dataset:
+    """Conversational preference pairs for DPO from Q/A pairs (`load_chatterbot_qa`'s splits): `prompt` the question
+    as a user turn, `chosen` its own answer as the assistant's turn, `rejected` the answer to a question drawn at
+    random (with `seed`) from a different topic: fluent, but off the point. Keeps `topic`, the natural client."""
+    rng = np.random.default_rng(seed)
+    topics = np.asarray(qa["topic"])
+    answers = qa["answer"]
+    rejected = [answers[int(rng.choice(np.flatnonzero(topics != topic)))] for topic in topics]
+    turn = lambda role, content: [{"role": role, "content": content}]  # noqa: E731
+    return Dataset.from_dict(
+        {
+            "prompt": [turn("user", q) for q in qa["question"]],
+            "chosen": [turn("assistant", a) for a in answers],
+            "rejected": [turn("assistant", a) for a in rejected],
+            "topic": qa["topic"],
+        }
+    )

