@@ -226,10 +226,12 @@ def assert_same_model(saved: Path, expected: Path) -> None:
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
+# FLoRA over TLS with authenticated nodes: the hardest case (kept node state, mixed ranks); FedAvg runs on Flower in
+# the kill test below (its round trip against the simulation for every strategy is in tests/test_contract.py)
 @pytest.mark.parametrize(
     "secure, fed_args",
-    [(False, "--strategy fedavg"), (True, "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3")],
-    ids=["fedavg", "flora-tls-auth"],
+    [(True, "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3")],
+    ids=["flora-tls-auth"],
 )
 def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_path, deployments, secure, fed_args):
     fed_args = f"{TINY} {fed_args}"
