@@ -3,6 +3,7 @@ with one engine for the whole run, and end where one process without DeepSpeed e
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -108,7 +109,10 @@ def test_a_client_failing_on_one_zero_rank_stops_every_rank_at_once_naming_the_r
     done = run(TORCHRUN, tmp_path, *zero3, "--fail_client", "2:1:1", succeeds=False, timeout=240)
     assert time.monotonic() - start < 180  # the whole run, round 1 included, took 31 s here
     assert "Round 2: the training of client 1 raised on rank 1 of 2: ValueError" in done.stderr
-    assert "raised on rank 0 of 2" in done.stderr  # rank 0 stopped too: its pending collective lost its peer
+    # Rank 0 stops too: its pending collective loses its peer and it raises ("raised on rank 0 of 2"), but the
+    # launcher's SIGTERM, sent when rank 1 exits, can end it before that message is written (a race that failed this
+    # line in a clean-clone CI run on 2026-12-02); torchrun's failure summary lists rank 0 either way
+    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\n\s+exitcode\s+: (1|-15) ", done.stderr), done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-1"]  # the last finished round, to resume
 
 
