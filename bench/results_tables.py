@@ -1,16 +1,19 @@
-"""Write the tables of docs/results.md from the JSON files bench/compare.py writes, so that no figure is copied by
-hand.
+"""Write the tables of docs/ from the JSON files the benchmarks write, so that no figure is copied by hand.
 
-A table's place in the page is a pair of markers naming the JSON it comes from:
+A table's place in a page is a pair of markers naming the JSON it comes from:
 
-    <!-- compare-table: bench/results/compare_quick.json -->
+    <!-- compare-table: docs/data/compare_quick.json -->      (bench/compare.py's results)
     ... (replaced) ...
     <!-- end compare-table -->
 
-    python bench/results_tables.py                      # every marked table of docs/results.md
-    python bench/results_tables.py --page docs/results.md --check   # exit 1 if a table differs from its JSON
+    <!-- bench-table: docs/data/overhead.json -->              (any other benchmark's rows and summary)
+    ... (replaced) ...
+    <!-- end bench-table -->
 
-Each table is preceded by the command, date, wall time, versions and git commit the JSON records.
+    python bench/results_tables.py           # every marked table of docs/results.md, benchmarks.md and scaling.md
+    python bench/results_tables.py --check   # exit 1 if a table differs from its JSON
+
+A compare table is preceded by the command, date, wall time, versions and git commit its JSON records.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"(<!-- compare-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end compare-table -->)", re.S)
+BENCH_MARKED = re.compile(r"(<!-- bench-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end bench-table -->)", re.S)
+PAGES = ("results.md", "benchmarks.md", "scaling.md")
 
 
 def provenance(report: dict) -> str:
@@ -87,28 +92,47 @@ def sweep(report: dict) -> str:
     return f"Learning-rate sweep on {where}: " + "; ".join(parts) + "."
 
 
+def cell(value) -> str:
+    """A number as the benchmarks print it: floats to 3 decimals."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def rows_table(report: dict) -> str:
+    """A benchmark's `rows` as a markdown table (its columns, in order), then its `summary` as one line."""
+    columns = list(report["rows"][0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in report["rows"]]
+    summary = ", ".join(f"{key} {cell(value)}" for key, value in report.get("summary", {}).items())
+    return "\n".join(lines) + (f"\n\nSummary: {summary}.\n" if summary else "\n")
+
+
 def rewritten(page: str) -> str:
     """`page` with every marked table generated anew from its JSON."""
 
-    def replace(match: re.Match) -> str:
+    def replace(match: re.Match, render) -> str:
         report = json.loads((ROOT / match["path"]).read_text())
-        return match.group(1) + table(report) + match.group(4)
+        return match.group(1) + render(report) + match.group(4)
 
-    return MARKED.sub(replace, page)
+    page = MARKED.sub(lambda m: replace(m, table), page)
+    return BENCH_MARKED.sub(lambda m: replace(m, rows_table), page)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--page", default=str(ROOT / "docs" / "results.md"))
-    p.add_argument("--check", action="store_true", help="do not write; exit 1 if the page differs from its JSON")
+    p.add_argument("--page", action="append", help="a page to rewrite (default: docs/ " + ", ".join(PAGES) + ")")
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 if a page differs from its JSON")
     a = p.parse_args()
-    page = Path(a.page)
-    before = page.read_text()
-    after = rewritten(before)
-    if a.check:
-        sys.exit(0 if after == before else f"{page}: a table differs from its JSON; run bench/results_tables.py")
-    page.write_text(after)
-    print(f"{page}: {len(MARKED.findall(before))} tables written")
+    stale = []
+    for page in map(Path, a.page or [ROOT / "docs" / name for name in PAGES]):
+        before = page.read_text()
+        after = rewritten(before)
+        if a.check:
+            stale += [str(page)] if after != before else []
+            continue
+        page.write_text(after)
+        print(f"{page}: {len(MARKED.findall(before)) + len(BENCH_MARKED.findall(before))} tables written")
+    if stale:
+        sys.exit(f"{', '.join(stale)}: a table differs from its JSON; run bench/results_tables.py")
 
 
 if __name__ == "__main__":
