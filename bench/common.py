@@ -56,8 +56,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(title: str, rows: list[dict], summary: dict, json_path: str | None) -> None:
-    """Print `rows` as a table and `summary` below it; write both to `json_path` if given."""
+def report(title: str, rows: list[dict], summary: dict, json_path: str | None, runs: list[dict] | None = None) -> None:
+    """Print `rows` as a table and `summary` below it; write both to `json_path` if given, with the `runs` they were
+    computed from."""
     columns = list(rows[0])
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
     print(f"\n{title}")
@@ -72,6 +73,7 @@ def report(title: str, rows: list[dict], summary: dict, json_path: str | None) -
             "title": title,
             "rows": rows,
             "summary": summary,
+            **({"runs": runs} if runs else {}),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         }
         Path(json_path).write_text(json.dumps(payload, indent=2))

@@ -1,20 +1,33 @@
-"""Memory of federated runs on the bundled MiniLM (BBC News), two measurements:
+"""Memory of federated runs, three measurements:
 
 - default: peak RSS against the number of clients, 4 clients against 32 on the same total data. Each configuration
   runs in its own process (peak RSS is per process) for one round of `--steps` local steps per client; the
   processes alternate over repeats and the median peak RSS is reported (target: ratio at most 1.10).
-- `--rounds N`: no leak across rounds under DeepSpeed ZeRO-3. `--processes` processes (torchrun, gloo on CPU)
+  (The bundled MiniLM on BBC News.)
+- `--rounds N`: no leak across rounds under DeepSpeed ZeRO-3 (MiniLM). `--processes` processes (torchrun, gloo on CPU)
   train every client together on the sharded model for N rounds; each records its RSS after every round. The
   ratio is RSS after round N over RSS after round 1, the largest over the processes, median over repeats (target:
   at most 1.05; an engine rebuilt per client grows it round after round).
 
+- `--llm`: one client of the bundled SmolLM2-135M training `--steps` steps on chatterbot-corpus text cut into blocks
+  of `--seq-len` tokens, at the same batch size, under full fine-tuning (fedavg), GaLore (fedavg with galore_adamw),
+  LoRA (fedit, r 16 on every linear layer), and the same LoRA on an 8-bit and on a 4-bit nf4 base (bitsandbytes).
+  Each runs in its own process, whose RSS high-water mark is reset (`/proc/self/clear_refs`) after the imports and
+  again once the model is loaded and held in memory of its own (`materialize`): the peak of loading and the peak of
+  training are reported apart, beside the imports' baseline. Reported: the medians, the training peak
+  above that baseline as a ratio to full fine-tuning's, and the bytes one client sends per round. On a CPU, compute
+  runs in float32 and a quantized layer is dequantized for every product.
+
     python bench/memory.py --repeats 3 --json bench/results/memory.json
     python bench/memory.py --rounds 10 --repeats 3 --json bench/results/memory_rounds.json
+    python bench/memory.py --llm --seq-len 128 --batch-size 4 --steps 4 --json bench/results/memory_llm.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -23,6 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from common import current_rss_mib, launcher, median, minilm_and_data, parser, report
 
 from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer
@@ -110,6 +124,134 @@ def rounds_main(a) -> None:
     report(title, rows, summary, a.json)
 
 
+# what each --llm client trains with: FederatedConfig fields, and the LoRA / quantization of its model
+LLM_CLIENTS = {
+    "full": dict(args=dict(strategy="fedavg")),
+    "galore": dict(
+        args=dict(
+            strategy="fedavg",
+            optim="galore_adamw",
+            optim_target_modules=["self_attn", "mlp"],
+            optim_args="rank=64,update_proj_gap=20,scale=0.25",
+        )
+    ),  # fmt: skip
+    "lora": dict(args=dict(strategy="fedit"), lora=True),
+    "lora_8bit": dict(args=dict(strategy="fedit"), lora=True, quantization=dict(load_in_8bit=True)),
+    "lora_4bit": dict(
+        args=dict(strategy="fedit"),
+        lora=True,
+        quantization=dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    ),
+}
+
+
+def peak_rss_mib() -> float:
+    """The process's RSS high-water mark (VmHWM) in MiB, since the start or the last `reset_peak_rss`."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def materialize(model: torch.nn.Module) -> None:
+    """Copy the model's unquantized weights out of the checkpoint's memory map into memory of their own, and give
+    back what loading freed (`malloc_trim`): a quantized model's float32 embeddings would otherwise keep the whole
+    float32 checkpoint mapped (and counted in RSS), and a float32 model's untouched pages would not be counted yet."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if type(tensor) in (torch.nn.Parameter, torch.Tensor):  # not bitsandbytes' quantized parameters
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def chatterbot_blocks(tokenizer, seq_len: int, count: int):
+    """`count` blocks of `seq_len` tokens of the chatterbot-corpus questions and answers, run together (labels =
+    inputs), as transformers' run_clm.py groups texts."""
+    from datasets import Dataset
+
+    from fed_trainer.assets import load_chatterbot_qa
+
+    pairs = load_chatterbot_qa(seed=0)["train"]
+    ids = []
+    for question, answer in zip(pairs["question"], pairs["answer"]):
+        ids += tokenizer(f"{question} {answer}")["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= seq_len * count:
+            break
+    blocks = [ids[i * seq_len : (i + 1) * seq_len] for i in range(count)]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+def llm_child(a) -> None:
+    """One SmolLM2 client of `LLM_CLIENTS[a.llm_child]`: prints its RSS figures and uplink bytes."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from fed_trainer.assets import smollm2_path
+
+    spec = LLM_CLIENTS[a.llm_child]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    data = chatterbot_blocks(tokenizer, a.seq_len, a.steps * a.batch_size)
+    imports = current_rss_mib()
+    reset_peak_rss()
+    quantization = spec.get("quantization")
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_path(), dtype=torch.float32,
+        **(dict(quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu") if quantization else {}),
+    )  # fmt: skip
+    load_peak = peak_rss_mib()
+    materialize(model)
+    loaded = current_rss_mib()
+    reset_peak_rss()
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory() as out:
+        args = FederatedConfig(
+            output_dir=out, num_clients=1, num_rounds=1, local_steps=a.steps, per_device_train_batch_size=a.batch_size,
+            learning_rate=1e-4, report_to="none", disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
+            seed=0, **spec["args"],
+        )  # fmt: skip
+        trainer = FederatedTrainer(
+            model=model, args=args, client_datasets=[data], peft_config=lora if spec.get("lora") else None
+        )
+        trainer.train()
+    rounds = [entry for entry in trainer.state.log_history if "round" in entry]
+    print(json.dumps({
+        "imports_rss_mib": imports, "load_peak_rss_mib": load_peak, "model_rss_mib": loaded,
+        "train_peak_rss_mib": peak_rss_mib(),
+        "bytes_up_per_round": rounds[0]["bytes_up"], "train_loss": rounds[0]["train_loss"],
+    }))  # fmt: skip
+
+
+def llm_main(a) -> None:
+    runs = []
+    for repeat in range(a.repeats):
+        for name in LLM_CLIENTS:
+            result = json.loads(run_child(a, 1, extra=("--llm-child", name)).strip().splitlines()[-1])
+            runs.append({"repeat": repeat, "client": name, **result})
+    rows = []
+    for name in LLM_CLIENTS:
+        mine = [r for r in runs if r["client"] == name]
+        rows.append({
+            "client": name,
+            "model_mib": median([r["model_rss_mib"] - r["imports_rss_mib"] for r in mine]),
+            "train_peak_mib": median([r["train_peak_rss_mib"] - r["imports_rss_mib"] for r in mine]),
+            "load_peak_mib": median([r["load_peak_rss_mib"] - r["imports_rss_mib"] for r in mine]),
+            "bytes_up_per_round": mine[0]["bytes_up_per_round"],
+        })  # fmt: skip
+    full = rows[0]
+    for row in rows:
+        row["train_peak_ratio"] = row["train_peak_mib"] / full["train_peak_mib"]
+        row["bytes_up_ratio"] = row["bytes_up_per_round"] / full["bytes_up_per_round"]
+    summary = {
+        "work": f"one SmolLM2-135M client, {a.steps} steps x batch {a.batch_size} x {a.seq_len} tokens, float32, CPU",
+        "memory": "MiB above the imports' RSS (median over runs), ratios to full fine-tuning",
+        "imports_rss_mib": median([r["imports_rss_mib"] for r in runs]),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    report("Memory and uplink of one SmolLM2-135M client", rows, summary, a.json, runs)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--few", type=int, default=4, help="clients of the small run (and of the --rounds runs)")
@@ -119,10 +261,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, help="measure RSS across this many rounds under ZeRO-3 instead")
     p.add_argument("--processes", type=int, default=2, help="processes of the --rounds runs")
     p.add_argument("--deepspeed", help=f"DeepSpeed config of the --rounds runs (default {ZERO3})")
+    p.add_argument("--llm", action="store_true", help="one SmolLM2 client: full, GaLore, LoRA, LoRA 8-bit, 4-bit")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--llm-child", choices=list(LLM_CLIENTS), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.child:
+    if a.llm_child:
+        llm_child(a)
+    elif a.llm:
+        llm_main(a)
+    elif a.child:
         child(a)
     elif a.rounds:
         a.deepspeed = a.deepspeed or ZERO3

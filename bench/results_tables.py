@@ -10,7 +10,7 @@ A table's place in a page is a pair of markers naming the JSON it comes from:
     ... (replaced) ...
     <!-- end bench-table -->
 
-    python bench/results_tables.py           # every marked table of docs/results.md, benchmarks.md and scaling.md
+    python bench/results_tables.py           # every marked table of docs/results.md, benchmarks.md, scaling.md, llm.md
     python bench/results_tables.py --check   # exit 1 if a table differs from its JSON
 
 A compare table is preceded by the command, date, wall time, versions and git commit its JSON records.
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"(<!-- compare-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end compare-table -->)", re.S)
 BENCH_MARKED = re.compile(r"(<!-- bench-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end bench-table -->)", re.S)
-PAGES = ("results.md", "benchmarks.md", "scaling.md")
+PAGES = ("results.md", "benchmarks.md", "scaling.md", "llm.md")
 
 
 def provenance(report: dict) -> str:

@@ -28,7 +28,13 @@ from trl import DPOTrainer
 
 from fed_trainer import FederatedDPOConfig, FederatedDPOTrainer
 from fed_trainer.assets import chatterbot_preference_pairs, load_chatterbot_qa, smollm2_path
-from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
+from fed_trainer.cli import (
+    EXAMPLE_DEFAULTS,
+    LoraArguments,
+    QuantizationArguments,
+    parse_args_with_recipe,
+    train_save_evaluate,
+)
 from fed_trainer.client import client_training_args
 from fed_trainer.distributed import end_process_group
 
@@ -53,7 +59,7 @@ DEFAULTS = dict(
 
 
 @dataclass
-class ModelArguments(LoraArguments):
+class ModelArguments(QuantizationArguments, LoraArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A causal LM with a chat template (default: the bundled SmolLM2-135M)."}
     )
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_path = model_args.model_name_or_path or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trainer = FederatedDPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_path, dtype="float32"),
+        model=AutoModelForCausalLM.from_pretrained(model_path, **model_args.model_kwargs(training_args)),
         args=training_args,
         client_datasets=clients,
         eval_dataset=validation,
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the whole run's effect: the global model against the initial one as DPO's reference, with the clients' settings
     evaluation = DPOTrainer(
         model=trainer.merged_model(),
-        ref_model=AutoModelForCausalLM.from_pretrained(model_path, dtype="float32"),
+        ref_model=AutoModelForCausalLM.from_pretrained(model_path, **model_args.model_kwargs(training_args)),
         args=client_training_args(trainer.args),
         train_dataset=validation,
         processing_class=tokenizer,

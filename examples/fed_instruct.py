@@ -11,6 +11,7 @@ Every `SFTConfig` option applies to the clients' local training (`--packing`, `-
     python examples/fed_instruct.py
     accelerate launch examples/fed_instruct.py
     python examples/fed_instruct.py --strategy fedit --learning_rate 5e-4
+    python examples/fed_instruct.py --strategy fedit --load_in_4bit --learning_rate 5e-4   # QLoRA clients
     python examples/fed_instruct.py --strategy flexlora --lora_ranks 4 8 16 --clients_per_round 3 --learning_rate 5e-4
     python examples/fed_instruct.py --strategy fedavg --optim galore_adamw --optim_target_modules self_attn mlp \\
         --optim_args "rank=64,update_proj_gap=20,scale=0.25" --learning_rate 1e-4
@@ -33,7 +34,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from fed_trainer import FederatedSFTConfig, FederatedSFTTrainer
 from fed_trainer.assets import SMOLLM2_TRAINING_CHAT_TEMPLATE, load_chatterbot_qa, smollm2_path
-from fed_trainer.cli import EXAMPLE_DEFAULTS, LoraArguments, parse_args_with_recipe, train_save_evaluate
+from fed_trainer.cli import (
+    EXAMPLE_DEFAULTS,
+    LoraArguments,
+    QuantizationArguments,
+    parse_args_with_recipe,
+    train_save_evaluate,
+)
 from fed_trainer.distributed import end_process_group
 
 logger = logging.getLogger(__name__)
@@ -60,7 +67,7 @@ DEFAULTS = dict(
 
 
 @dataclass
-class ModelArguments(LoraArguments):
+class ModelArguments(QuantizationArguments, LoraArguments):
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if model_args.model_name_or_path is None:  # the same text, with the assistant's turns marked for TRL
         tokenizer.chat_template = SMOLLM2_TRAINING_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(model_path, **model_args.model_kwargs(training_args))
 
     client_column = data_args.client_column
     conversations = raw.map(conversation, remove_columns=["question", "answer"], desc="conversations")

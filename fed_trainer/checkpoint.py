@@ -1,7 +1,8 @@
 """Round checkpoints: everything a federated run needs to continue after the last completed round.
 
 `output_dir/round-N/` holds the merged global model (a plain transformers model, loadable on its own) and
-`federated_state.pt`: the live model's full state (base weights, adapters, residuals folded into the base), the
+`federated_state.pt`: the live model's full state (base weights, adapters, residuals folded into the base; not the
+frozen layers of a quantized base), the
 strategy's own state, the run's progress and log history, and the RNG states. A checkpoint is written into
 `round-N.partial` and renamed into place, so a crash while writing leaves the previous checkpoints intact.
 """
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from peft import PeftModel
 from torch import nn
+
+from fed_trainer.quantized import quantized_weight_keys
 
 if TYPE_CHECKING:
     from transformers import TrainerState
@@ -108,7 +111,7 @@ def federated_state(
         "round": progress["round"],
         "strategy": strategy.name,
         "model_class": model_class_name(model),
-        "model": cpu_state(model_state),
+        "model": cpu_state({k: v for k, v in model_state.items() if k not in quantized_weight_keys(model)}),
         "strategy_state": strategy_state,
         "progress": copy.deepcopy(progress),
         "log_history": copy.deepcopy(state.log_history),
@@ -126,8 +129,8 @@ def load_round_checkpoint(path: Path, model: nn.Module, strategy: Strategy) -> d
             f"{path} was written by a run with strategy {checkpoint['strategy']!r}, but this run uses "
             f"{strategy.name!r}: resume with the same strategy, or start a new run in another output_dir."
         )
-    saved, live = checkpoint["model"], model.state_dict()
-    differing = sorted(saved.keys() ^ live.keys())
+    saved, live = checkpoint["model"], model.state_dict().keys() - quantized_weight_keys(model)
+    differing = sorted(saved.keys() ^ live)
     if checkpoint["model_class"] != model_class_name(model) or differing:
         raise ValueError(
             f"{path} holds a {checkpoint['model_class']} whose weights do not match this {model_class_name(model)} "

@@ -1,4 +1,4 @@
-"""What the example scripts share: LoRA arguments, command lines layered over YAML recipes, and the
+"""What the example scripts share: LoRA and quantization arguments, command lines layered over YAML recipes, and the
 train-save-evaluate tail of transformers' `run_*.py` scripts."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 from peft import LoraConfig
-from transformers import HfArgumentParser
+from transformers import BitsAndBytesConfig, HfArgumentParser, TrainingArguments
 
 from fed_trainer.strategies.registry import strategy_class
 
@@ -45,6 +46,40 @@ class LoraArguments:
             modules_to_save=self.lora_modules_to_save,
             use_rslora=self.use_rslora,
         )
+
+
+@dataclass
+class QuantizationArguments:
+    """A bitsandbytes-quantized base for LoRA clients (QLoRA), with the names of TRL's `ModelConfig` fields."""
+
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base in 4 bits (QLoRA); needs a LoRA strategy that leaves the base untouched."},
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bits (LLM.int8)."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "The 4-bit data type.", "choices": ["nf4", "fp4"]}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit block scales too (QLoRA's double quantization)."}
+    )
+
+    def model_kwargs(self, args: TrainingArguments) -> dict:
+        """`from_pretrained` arguments: float32 weights (bfloat16 with --bf16), quantized as asked, placed on the
+        training device (bitsandbytes quantizes a layer when it is placed)."""
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Pass --load_in_4bit or --load_in_8bit, not both.")
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return {"dtype": dtype}
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=self.load_in_4bit,
+            load_in_8bit=self.load_in_8bit,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=self.use_bnb_nested_quant,
+        )
+        return {"dtype": dtype, "quantization_config": quantization, "device_map": {"": args.device}}
 
 
 def parse_args_with_recipe(dataclass_types: tuple, argv: list[str], defaults: dict) -> tuple:

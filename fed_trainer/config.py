@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from fed_trainer.distributed import launched_with
@@ -361,6 +362,12 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(
                 "GaLore does not work under DeepSpeed ZeRO (its projector would see flattened 1-D partitions). "
                 "Drop the deepspeed config to train GaLore clients, or keep ZeRO and use optim='adamw_torch'."
+            )
+        if optim == "galore_adamw_8bit" and (self.use_cpu or not torch.cuda.is_available()):
+            raise ValueError(
+                "optim='galore_adamw_8bit' needs a CUDA device: galore_torch's GaLoreAdamW8bit calls "
+                "torch.cuda.synchronize() in every step, so a CPU client fails at its first step. Use "
+                "optim='galore_adamw' on CPUs."
             )
         if optim.endswith("layerwise"):
             raise ValueError(

@@ -8,6 +8,7 @@ from string import Template
 from typing import TYPE_CHECKING
 
 from fed_trainer.privacy import privacy_spent
+from fed_trainer.quantized import merged_dtype, quantization_of
 
 if TYPE_CHECKING:
     from fed_trainer.trainer import FederatedTrainer
@@ -18,7 +19,7 @@ SECTION = Template("""
 Trained with [fed_trainer](https://pypi.org/project/fed-trainer/)'s `FederatedTrainer`.
 
 - strategy: `$strategy`$paper
-- local optimizer: `$optimizer`
+$quantized- local optimizer: `$optimizer`
 - rounds: $rounds of $num_rounds
 - clients: $num_clients ($per_round per round)
 - local steps per round: $local_steps
@@ -51,9 +52,18 @@ def federated_section(trainer: FederatedTrainer) -> str:
             f"(epsilon, delta) = ({privacy_spent(args, len(rounds)):.3g}, {args.dp_delta:g}) after {len(rounds)} "
             "rounds (opacus RDP accountant)\n"
         )
+    quantized = quantization_of(trainer.model)
+    if quantized:
+        quantized = (
+            f"- base: {quantized} (bitsandbytes), frozen; the clients trained LoRA adapters on it. The saved model is "
+            f"the dequantized base in {str(merged_dtype(trainer.model)).removeprefix('torch.')} with the adapters "
+            "added: it loads without peft or bitsandbytes and computes what the quantized model with adapters "
+            "computes, up to the rounding of the compute dtype (and, on an 8-bit base, of the activations)\n"
+        )
     return SECTION.substitute(
         strategy=strategy.name,
         paper=paper,
+        quantized=quantized or "",
         optimizer=getattr(args.optim, "value", args.optim),
         rounds=len(rounds),
         num_rounds=args.num_rounds,

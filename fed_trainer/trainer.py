@@ -31,6 +31,7 @@ from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
 from fed_trainer.model_card import card_tags, federated_section
+from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, InProcessClients, Round
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.strategies.capabilities import check_capabilities
@@ -112,7 +113,7 @@ class FederatedTrainer(Trainer):
                 "with peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
             )
         peft_configs = client_lora_configs(list(self.client_datasets), peft_config, client_peft_configs)
-        check_capabilities(self.strategy, args, peft_configs)
+        check_capabilities(self.strategy, args, peft_configs, quantization_of(model))
         model = self.strategy.setup(model, args, peft_configs)
         super().__init__(
             model=model,

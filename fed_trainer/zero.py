@@ -13,6 +13,8 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from fed_trainer.quantized import quantized_weight_keys
+
 
 def _shard_start(param: torch.Tensor) -> int:
     """Where this rank's partition of a ZeRO-3 `param` starts in the flattened whole."""
@@ -59,9 +61,13 @@ def assign_whole(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def load_whole_state(model: nn.Module, state: dict) -> None:
-    """`model.load_state_dict(state)` for a state of whole tensors, also when ZeRO-3 partitions the model."""
+    """`model.load_state_dict(state)` for a state of whole tensors, also when ZeRO-3 partitions the model; the frozen
+    quantized layers of a bitsandbytes base are not in `state` (see `quantized_weight_keys`)."""
     if not holds_shards(model):
-        model.load_state_dict(state)
+        loaded = model.load_state_dict(state, strict=False)
+        wrong = loaded.unexpected_keys + sorted(set(loaded.missing_keys) - quantized_weight_keys(model))
+        if wrong:
+            raise RuntimeError(f"the state's keys differ from the model's: {wrong[:5]}")
         return
     live = dict(model.named_parameters(remove_duplicate=False))
     live.update(model.named_buffers(remove_duplicate=False))

@@ -271,3 +271,10 @@ def test_galore_shared_resumes_with_its_projectors_and_moments(make_config, tmp_
     expected = whole.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_galore_with_8bit_states_is_refused_without_cuda(make_config):
+    """galore_torch's GaLoreAdamW8bit synchronizes CUDA in every step: on CPUs it is refused before any training
+    (on a GPU it is an ordinary client optimizer of fedavg)."""
+    with pytest.raises(ValueError, match=r"galore_adamw_8bit' needs a CUDA device.*optim='galore_adamw' on CPUs"):
+        make_config(optim="galore_adamw_8bit", optim_target_modules=["attention"])

@@ -36,11 +36,16 @@ FORMATS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def training_tokenizer():
+    """The bundled SmolLM2 tokenizer with TRL's generation markers in its chat template."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     tokenizer.chat_template = SMOLLM2_TRAINING_CHAT_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return training_tokenizer()
 
 
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:

@@ -30,7 +30,8 @@ class Capabilities:
         zero3: runs under DeepSpeed ZeRO-3, the model sharded over the processes.
         flower: runs on Flower SuperNodes (`fed_trainer.flower`).
         undo_round: can put the last global model back when a round is abandonned (`min_clients_per_round`).
-        folds_into_base: adds its updates into the base weights (so they must be trainable-precision weights).
+        folds_into_base: adds its updates into the base weights (so it refuses a quantized base: 4/8-bit weights
+            cannot take them).
         local_optimizer: the `optim` its clients must train with, or None for any.
         server_optimizer: a server optimizer (`server_optimizer`, FedAdam and its kin) can step its round update.
     """
@@ -94,11 +95,27 @@ def refused(strategy: Strategy, capability: str, fix: str = "") -> ValueError:
     return ValueError(f"strategy {strategy.name!r} does not support {COLUMNS[capability][1]}{alternatives}.{fix}")
 
 
-def check_capabilities(strategy: Strategy, args: FederatedConfig, peft_configs: dict | None) -> None:
-    """Refuse, before any training, a run that asks `strategy` for something it does not support."""
+def check_capabilities(
+    strategy: Strategy, args: FederatedConfig, peft_configs: dict | None, quantized: str | None = None
+) -> None:
+    """Refuse, before any training, a run that asks `strategy` for something it does not support (`quantized`:
+    how the model's base is quantized, see `fed_trainer.quantized.quantization_of`)."""
     from fed_trainer.config import deepspeed_zero_stage
 
     caps = strategy.capabilities
+    if quantized and (not caps.lora or caps.folds_into_base):
+        adapters_only = [n for n in supporting("lora") if not registered()[n].capabilities.folds_into_base]
+        changes = "trains full weights" if not caps.lora else "adds its updates into the base weights"
+        raise ValueError(
+            f"strategy {strategy.name!r} {changes}, which a {quantized} base cannot hold: train LoRA adapters with a "
+            f"strategy that leaves the base untouched ({adapters_only}), or load the model without "
+            "quantization_config."
+        )
+    if quantized and args.deepspeed:
+        raise ValueError(
+            f"a {quantized} (bitsandbytes) base does not run under DeepSpeed: drop the deepspeed config, or load the "
+            "model without quantization_config."
+        )
     if caps.lora and not peft_configs:
         raise ValueError(
             f"strategy {strategy.name!r} trains LoRA adapters: pass peft_config=LoraConfig(...) (or "

@@ -22,6 +22,12 @@ from peft.utils import transpose
 from torch import nn
 
 from fed_trainer.distributed import all_gather_tensors
+from fed_trainer.quantized import (
+    dequantized_merge,
+    keep_standard_layout,
+    prepared_for_kbit_training,
+    quantization_of,
+)
 from fed_trainer.strategies.base import TensorDict, tensor_bytes
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg, trainable_state
@@ -127,6 +133,10 @@ class LoraStrategy(FedAvg):
         # parameters never change shape
         self.rank = max(config.r for config in self.client_configs.values())
         wrapped = not isinstance(model, PeftModel)
+        if quantization_of(model):
+            keep_standard_layout(model)
+            if wrapped:
+                model = prepared_for_kbit_training(model, args)
         if wrapped:
             names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
             try:
@@ -228,6 +238,8 @@ class LoraStrategy(FedAvg):
         super().load_state_dict(model, state, model_state)
 
     def merged_model(self, model: nn.Module) -> nn.Module:
+        if quantization_of(model):  # a plain model: the dequantized base plus the adapters
+            return dequantized_merge(model, ADAPTER)
         return copy.deepcopy(model).merge_and_unload()
 
 
