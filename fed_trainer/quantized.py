@@ -9,7 +9,8 @@ bitsandbytes internals used here (only here): `Linear4bit.support_avx512bf16_for
 `bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`. On a CPU with AVX512-BF16, bitsandbytes 0.50
 repacks a 4-bit weight at its first inference forward into a layout with bfloat16 block scales; `dequantize` does not
 read that layout (bitsandbytes issue 2078: it breaks `Params4bit.to` too) and its inverse is best-effort, so a
-quantized base is kept in the standard layout throughout (a slower CPU evaluation, the same one on GPUs).
+quantized base is kept in the standard layout throughout (CPU evaluation then takes the standard path, the one
+GPUs always take).
 """
 
 from __future__ import annotations

@@ -220,16 +220,16 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
 
 
 def remote_update(
-    trainer: FederatedTrainer, round_number: int, client_id, dataset: Dataset, message: TensorDict, plan: ClientPlan,
-    kept: TensorDict,
-):  # fmt: skip
+    trainer: FederatedTrainer, round_number: int, client_id, message: TensorDict, plan: ClientPlan, kept: TensorDict
+):
     """`local_update` on a machine of its own (a Flower SuperNode), which builds the initial model afresh for every
     round: the strategy first brings the model to the round's global state from what the machine `kept` after its
-    last round (`Strategy.catch_up`). Returns (payload, `TrainOutput`, what to keep for the next round)."""
+    last round (`Strategy.catch_up`). The client trains on its dataset as the trainer holds it (prepared, for TRL's
+    trainers). Returns (payload, `TrainOutput`, what to keep for the next round)."""
     strategy = trainer.strategy
     strategy.begin_round(round_number)  # fresh LoRA factors are seeded by round
     kept = strategy.catch_up(trainer.model, message, kept)
-    payload, output = local_update(trainer, client_id, dataset, message, plan)
+    payload, output = local_update(trainer, client_id, trainer.client_datasets[client_id], message, plan)
     return payload, output, {**kept, **strategy.client_state(client_id)}
 
 

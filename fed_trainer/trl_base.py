@@ -79,12 +79,15 @@ class FederatedTRLTrainer(FederatedTrainer):
 
     def _client_datasets_prepared_once(self, packing: bool | None = None, eval_packing: bool | None = None) -> None:
         """Replace the clients' and the evaluation datasets by TRL's preparation of them (the first client's was
-        prepared when the TRL trainer was built)."""
+        prepared when the TRL trainer was built); on a Flower SuperNode the other clients' `RemoteClient`s stay."""
         client, first = self.client_runner.trainer, self._first_dataset()
-        self.client_datasets = {
-            cid: client.train_dataset if dataset is first else prepared_by(client, dataset, f"client {cid}", packing)
-            for cid, dataset in self.client_datasets.items()
-        }
+
+        def prepared(cid, dataset):
+            if dataset is first:
+                return client.train_dataset
+            return prepared_by(client, dataset, f"client {cid}", packing) if isinstance(dataset, Dataset) else dataset
+
+        self.client_datasets = {cid: prepared(cid, dataset) for cid, dataset in self.client_datasets.items()}
         if isinstance(self.eval_dataset, Mapping):
             self.eval_dataset = {k: prepared_by(client, ds, k, eval_packing) for k, ds in self.eval_dataset.items()}
         elif self.eval_dataset is not None:

@@ -195,7 +195,7 @@ def test_a_client_on_its_own_machine_sends_what_the_in_process_client_sent(contr
     decoded = tensor_record(first["message"]).to_torch_state_dict()  # through a Flower record
     node = build(contract_run["make_config"], name, output_dir=str(contract_run["tmp"] / "node"))
     client = first["client"]
-    payload, _, _ = remote_update(node, 1, client, CLIENTS[client], decoded, first["plan"], kept={})
+    payload, _, _ = remote_update(node, 1, client, decoded, first["plan"], kept={})
     payload = tensor_record(payload).to_torch_state_dict()
     assert payload.keys() == first["payload"].keys()
     for key, value in first["payload"].items():

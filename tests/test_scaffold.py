@@ -100,7 +100,7 @@ def test_a_client_on_its_own_machine_keeps_its_control_for_its_next_round(make_c
                             output_dir=str(trainer.args.output_dir) + "-node"), client_datasets=CLIENTS)  # fmt: skip
     strategy.begin_round(1)
     message = tensor_record(strategy.server_message(0)).to_torch_state_dict()
-    _, _, kept = remote_update(node, 1, 0, CLIENTS[0], message, plan, kept={})
+    _, _, kept = remote_update(node, 1, 0, message, plan, kept={})
     payload, _ = local_update(trainer, 0, CLIENTS[0], strategy.server_message(0), plan)
     strategy.aggregate(payload, 1.0, client_id=0)
     strategy.finish_round(trainer.model)

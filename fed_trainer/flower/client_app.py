@@ -33,17 +33,18 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
             f"{client_id!r}: give every SuperNode its own partition-id."
         )
     sizes = dict(zip(config["client-ids"], config["client-sizes"], strict=True))
-    if len(dataset) != sizes[client_id]:
-        raise ValueError(f"client {client_id!r} now has {len(dataset)} examples, not the {sizes[client_id]} it had.")
     clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in sizes.items()}
     trainer = build_trainer(context, clients)
+    prepared = len(trainer.client_datasets[client_id])  # as the server counts it (TRL's trainers prepare the data)
+    if prepared != sizes[client_id]:
+        raise ValueError(f"client {client_id!r} now has {prepared} examples, not the {sizes[client_id]} it had.")
     plan = ClientPlan(seed=config["seed"], offset=config["offset"], schedule_steps=config["schedule-steps"])
     kept = context.state[KEPT].to_torch_state_dict() if KEPT in context.state else {}
     message = content["arrays"].to_torch_state_dict()
-    payload, output, kept = remote_update(trainer, config["round"], client_id, dataset, message, plan, kept)
+    payload, output, kept = remote_update(trainer, config["round"], client_id, message, plan, kept)
     if kept:  # kept by the SuperNode for this node's next round of the run (lost if the SuperNode restarts)
         context.state[KEPT] = tensor_record(kept)
-    metrics = MetricRecord({"train-loss": float(output.training_loss), "num-examples": len(dataset)})
+    metrics = MetricRecord({"train-loss": float(output.training_loss), "num-examples": prepared})
     return RecordDict({"arrays": tensor_record(payload), "metrics": metrics})
 
 

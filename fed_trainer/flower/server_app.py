@@ -68,12 +68,7 @@ class GridClients:
         everyone = roster(round.trainer)
         messages = []
         for position, client_id in enumerate(round.client_ids):
-            plan = dataclasses.asdict(round.plan(position))
-            config = ConfigRecord(
-                {"round": round.number, "client-id": client_id, "seed": plan["seed"], "offset": plan["offset"],
-                 "schedule-steps": plan["schedule_steps"], **everyone}
-            )  # fmt: skip
-            content = RecordDict({"arrays": tensor_record(round.message(client_id)), "config": config})
+            content = train_content(round, position, everyone)
             node = self.nodes[client_id]
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
@@ -84,6 +79,17 @@ class GridClients:
                 continue
             payload = reply.content["arrays"].to_torch_state_dict()
             round.receive(client_id, payload, float(reply.content["metrics"]["train-loss"]))
+
+
+def train_content(round: Round, position: int, everyone: dict) -> RecordDict:
+    """What the server sends the client at `position` of `round`: its message's tensors and the round's plan for
+    it, with the roster of the run (`everyone`, see `roster`)."""
+    client_id, plan = round.client_ids[position], dataclasses.asdict(round.plan(position))
+    config = ConfigRecord(
+        {"round": round.number, "client-id": client_id, "seed": plan["seed"], "offset": plan["offset"],
+         "schedule-steps": plan["schedule_steps"], **everyone}
+    )  # fmt: skip
+    return RecordDict({"arrays": tensor_record(round.message(client_id)), "config": config})
 
 
 def server_app(build_trainer: TrainerBuilder) -> ServerApp:
