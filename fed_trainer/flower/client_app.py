@@ -8,8 +8,8 @@ from datasets import Dataset
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, tensor_record
-from fed_trainer.round import ClientPlan, remote_update
+from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, plan_from, tensor_record
+from fed_trainer.round import remote_update
 
 # load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
 DataLoader = Callable[[Context], tuple[object, Dataset]]
@@ -38,7 +38,7 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
     prepared = len(trainer.client_datasets[client_id])  # as the server counts it (TRL's trainers prepare the data)
     if prepared != sizes[client_id]:
         raise ValueError(f"client {client_id!r} now has {prepared} examples, not the {sizes[client_id]} it had.")
-    plan = ClientPlan(seed=config["seed"], offset=config["offset"], schedule_steps=config["schedule-steps"])
+    plan = plan_from(config)
     kept = context.state[KEPT].to_torch_state_dict() if KEPT in context.state else {}
     message = content["arrays"].to_torch_state_dict()
     payload, output, kept = remote_update(trainer, config["round"], client_id, message, plan, kept)

@@ -3,11 +3,13 @@ tensors travel in Flower records."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, Context
 
+from fed_trainer.round import ClientPlan
 from fed_trainer.trainer import FederatedTrainer
 
 # build_trainer(context, client_datasets) -> FederatedTrainer, as the simulation script builds it
@@ -31,6 +33,19 @@ class RemoteClient:
 def tensor_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Tensors as an `ArrayRecord` (detached CPU copies: a payload may be a view of the live model)."""
     return ArrayRecord({name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()})
+
+
+PLAN_PREFIX = "plan-"
+
+
+def plan_entries(plan: ClientPlan) -> dict:
+    """A client's `ClientPlan` as `ConfigRecord` entries (`plan-<field>`); `plan_from` reads them back."""
+    return {PLAN_PREFIX + name: value for name, value in dataclasses.asdict(plan).items()}
+
+
+def plan_from(config: Mapping) -> ClientPlan:
+    """The `ClientPlan` in a config record written with `plan_entries`."""
+    return ClientPlan(**{field.name: config[PLAN_PREFIX + field.name] for field in dataclasses.fields(ClientPlan)})
 
 
 def roster(trainer: FederatedTrainer) -> dict:

@@ -7,7 +7,6 @@ checkpoints and merged-model saving. Only the clients' local training happens el
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -15,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from transformers.utils import logging
 
 from fed_trainer.cli import train_save_evaluate
-from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, roster, tensor_record
+from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, plan_entries, roster, tensor_record
 from fed_trainer.round import Round
 
 logger = logging.get_logger(__name__)
@@ -84,11 +83,10 @@ class GridClients:
 def train_content(round: Round, position: int, everyone: dict) -> RecordDict:
     """What the server sends the client at `position` of `round`: its message's tensors and the round's plan for
     it, with the roster of the run (`everyone`, see `roster`)."""
-    client_id, plan = round.client_ids[position], dataclasses.asdict(round.plan(position))
+    client_id = round.client_ids[position]
     config = ConfigRecord(
-        {"round": round.number, "client-id": client_id, "seed": plan["seed"], "offset": plan["offset"],
-         "schedule-steps": plan["schedule_steps"], **everyone}
-    )  # fmt: skip
+        {"round": round.number, "client-id": client_id, **plan_entries(round.plan(position)), **everyone}
+    )
     return RecordDict({"arrays": tensor_record(round.message(client_id)), "config": config})
 
 
