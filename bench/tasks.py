@@ -7,6 +7,7 @@ data is fetched once, on first use, from the vaderSentiment source archive on Py
 from __future__ import annotations
 
 import numpy as np
+from chat import chat_example_tokenizer, has_answer_tokens
 from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
@@ -19,7 +20,6 @@ from transformers import (
 from fed_trainer.assets import load_bbc_news, load_chatterbot_qa, load_movie_reviews, minilm_path, smollm2_path
 from fed_trainer.assets.efficientnet_lite import CLASSIFIER, POINTWISE_CONVS, efficientnet_lite0
 from fed_trainer.assets.fashion_mnist import CLASSES, GreyImageCollator, load_fashion_mnist
-from fed_trainer.chat import chat_example_tokenizer, has_answer_tokens
 
 
 def accuracy(p) -> dict:

@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from trl import SFTConfig, SFTTrainer
 
 from fed_trainer.assets import SMOLLM2_TRAINING_CHAT_TEMPLATE, load_chatterbot_qa, smollm2_path
-from fed_trainer.chat import IGNORE_INDEX, chat_example_tokenizer, has_answer_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import fed_instruct  # noqa: E402
+from chat import IGNORE_INDEX, chat_example_tokenizer, has_answer_tokens  # noqa: E402
 
 SHORT = [
     "--clients_per_round", "2", "--local_steps", "2", "--max_eval_samples", "8", "--max_length", "64",
@@ -71,7 +72,7 @@ def test_the_training_chat_template_renders_smollm2s_text(tokenizer):
 
 
 def test_the_benchmarks_formatting_gives_the_tokens_and_labels_trl_gives(tokenizer, tmp_path):
-    """bench/compare.py's instruct task formats pairs with fed_trainer.chat; the example uses TRL's SFT preparation.
+    """bench/compare.py's instruct task formats pairs with bench/chat.py; the example uses TRL's SFT preparation.
     Both must train on the same tokens with the same labels."""
     pairs = load_chatterbot_qa(seed=42)["train"].select(range(200))
     ours = pairs.map(chat_example_tokenizer(tokenizer, 64), remove_columns=pairs.column_names)

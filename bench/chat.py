@@ -1,4 +1,5 @@
-"""Instruction-tuning examples in a model's chat template, with the loss on the answer only."""
+"""Instruction-tuning examples in a model's chat template, with the loss on the answer only: how bench/compare.py's
+instruct task formats chatterbot pairs (the examples use TRL's preparation, which gives the same tokens and labels)."""
 
 from __future__ import annotations
 
