@@ -106,12 +106,13 @@ def federated_state(
     model: nn.Module, strategy: Strategy, model_state: dict, strategy_state: dict, progress: dict, state: TrainerState
 ) -> dict:
     """The contents of `federated_state.pt` after the round `progress["round"]`."""
+    frozen = quantized_weight_keys(model)
     return {
         "format": FORMAT,
         "round": progress["round"],
         "strategy": strategy.name,
         "model_class": model_class_name(model),
-        "model": cpu_state({k: v for k, v in model_state.items() if k not in quantized_weight_keys(model)}),
+        "model": cpu_state({k: v for k, v in model_state.items() if k not in frozen}),
         "strategy_state": strategy_state,
         "progress": copy.deepcopy(progress),
         "log_history": copy.deepcopy(state.log_history),
