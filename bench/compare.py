@@ -225,7 +225,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
             centralized = method == "centralized"
             config = FederatedConfig(
                 num_clients=1 if centralized else len(clients),
-                clients_per_round=None if centralized else a.per_round, num_rounds=a.rounds,
+                clients_per_round=None if centralized else a.per_round, num_rounds=a.rounds, eval_every_rounds=1,
                 local_steps=a.local_steps * a.per_round if centralized else a.local_steps,
                 strategy=strategy_of(method), **(task.galore if method in GALORE_METHODS else {}),
                 **OPTIONS.get(method, {}), **(VARIANTS[method][1] if method in VARIANTS else {}), **(extra or {}),

@@ -65,7 +65,7 @@ def child(a) -> None:
         args = FederatedConfig(
             output_dir=out, num_clients=a.child, num_rounds=a.rounds or 1, local_steps=a.steps,
             per_device_train_batch_size=a.batch_size, report_to="none", disable_tqdm=True, use_cpu=True,
-            dataloader_pin_memory=False, seed=0, deepspeed=a.deepspeed,
+            dataloader_pin_memory=False, seed=0, deepspeed=a.deepspeed, save_strategy="no",
         )  # fmt: skip
         trainer = FederatedTrainer(
             model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[recorder]
@@ -216,7 +216,7 @@ def llm_child(a) -> None:
         args = FederatedConfig(
             output_dir=out, num_clients=1, num_rounds=1, local_steps=a.steps, per_device_train_batch_size=a.batch_size,
             learning_rate=1e-4, report_to="none", disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
-            seed=0, **spec["args"],
+            seed=0, save_strategy="no", **spec["args"],
         )  # fmt: skip
         trainer = FederatedTrainer(
             model=model, args=args, client_datasets=[data], peft_config=lora if spec.get("lora") else None
@@ -226,7 +226,7 @@ def llm_child(a) -> None:
     print(json.dumps({
         "imports_rss_mib": imports, "load_peak_rss_mib": load_peak, "model_rss_mib": loaded,
         "train_peak_rss_mib": peak_rss_mib(),
-        "bytes_up_per_round": rounds[0]["bytes_up"], "train_loss": rounds[0]["train_loss"],
+        "bytes_up_per_round": rounds[0]["bytes_up"], "train_loss": rounds[0]["loss"],
     }))  # fmt: skip
 
 

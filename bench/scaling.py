@@ -58,6 +58,7 @@ def worker(a) -> None:
                 disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(),
                 dataloader_pin_memory=False,
+                save_strategy="no",
                 seed=0,
             ),  # fmt: skip
             train_dataset=data,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 PREFIX = "round-"
 STATE_FILE = "federated_state.pt"
 FORMAT = 1
+BEST_FIELDS = ("best_metric", "best_global_step", "best_model_checkpoint")  # TrainerState's, kept across a resume
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -60,9 +61,11 @@ def resolve_checkpoint(resume_from_checkpoint: bool | str, output_dir: str) -> P
     return path
 
 
-def write_checkpoint(directory: Path, write: Callable[[Path], None], keep: int | None) -> None:
+def write_checkpoint(
+    directory: Path, write: Callable[[Path], None], keep: int | None, best: str | None = None
+) -> None:
     """Call `write(staging_dir)`, then move the staging folder to `directory` in one rename; keep the newest
-    `keep` checkpoints of the folder (all if None)."""
+    `keep` checkpoints of the folder (all if None), and always the `best` one."""
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -71,8 +74,10 @@ def write_checkpoint(directory: Path, write: Callable[[Path], None], keep: int |
         shutil.rmtree(directory)
     os.replace(staging, directory)
     if keep is not None:
-        for old in checkpoint_dirs(directory.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = checkpoint_dirs(directory.parent)
+        for old in found[: max(len(found) - keep, 0)]:
+            if best is None or old.resolve() != Path(best).resolve():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_states() -> dict:
@@ -116,6 +121,7 @@ def federated_state(
         "strategy_state": strategy_state,
         "progress": copy.deepcopy(progress),
         "log_history": copy.deepcopy(state.log_history),
+        "best": {name: getattr(state, name) for name in BEST_FIELDS},
         "rng": rng_states(),
     }
 

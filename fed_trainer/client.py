@@ -7,8 +7,10 @@ Trainer internals used here (and nowhere else in fed_trainer): `_prepare_for_tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 
 import torch
@@ -22,6 +24,34 @@ from fed_trainer.client_accelerator import ClientAccelerator, RankLocalAccelerat
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import is_client_parallel
 from fed_trainer.zero import restart_optimizer
+
+TRAINER_LOGGER = "transformers.trainer"  # where Trainer logs, e.g. the dataset columns a model's forward ignores
+
+
+class _FirstOccurrence(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def each_message_once(logger_name: str):
+    """Within the block, let each distinct message of the logger `logger_name` through once: the client trainer
+    would otherwise repeat the same line (e.g. the columns it ignores) for every client of every round."""
+    logger = logging.getLogger(logger_name)
+    once = _FirstOccurrence()
+    logger.addFilter(once)
+    try:
+        yield
+    finally:
+        logger.removeFilter(once)
 
 
 def _shifted(lr_lambda, offset: int, step: int) -> float:

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from fed_trainer.distributed import launched_with
+from fed_trainer.schedule import resolve_intervals, resolve_run_length
 from fed_trainer.server_optimizer import (
     ADAPTIVE_RULES,
     DEFAULT_LEARNING_RATES,
@@ -58,7 +59,14 @@ class FederatedConfig(TrainingArguments):
     learning rate, batch size, ...). The fields below describe the federation. The learning-rate schedule spans
     the whole run (`num_rounds * local_steps` optimizer steps), so round `t` continues where round `t-1`
     ended; the client optimizer state (e.g. Adam moments, GaLore projectors) is fresh every round.
-    `max_steps` and `num_train_epochs` are not used: the run length is `num_rounds` x `local_steps`.
+
+    Trainer's run-length and interval fields are read in rounds (`fed_trainer.schedule`): without `local_steps` and
+    `local_epochs`, `max_steps` or `num_train_epochs` is spread evenly over the `num_rounds` rounds;
+    `eval_strategy`/`eval_steps` and `save_strategy`/`save_steps` act at round ends (a plain script's defaults: no
+    evaluation during training, a checkpoint every 500 steps and after the last round), or `eval_every_rounds` /
+    `save_every_rounds` set them in rounds. `metric_for_best_model`, `load_best_model_at_end` and
+    `EarlyStoppingCallback` work per evaluated round, and a round with a new best metric is checkpointed when the
+    best model is kept.
 
     With several processes, each rank's loss is the mean over its own part of a batch and gradients (and evaluation
     losses) are averaged over ranks, DDP's rule: `average_tokens_across_devices` is turned off, because transformers
@@ -73,7 +81,10 @@ class FederatedConfig(TrainingArguments):
     num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
     local_steps: int | None = field(
         default=None,
-        metadata={"help": "Optimizer steps each client takes per round (default 10 unless local_epochs is set)."},
+        metadata={
+            "help": "Optimizer steps each client takes per round. Unset with local_epochs unset: max_steps (if set) "
+            "or num_train_epochs spread over the rounds."
+        },
     )
     local_epochs: float | None = field(
         default=None, metadata={"help": "Epochs over its own shard each client takes per round (instead of steps)."}
@@ -102,14 +113,21 @@ class FederatedConfig(TrainingArguments):
         default="num_examples",
         metadata={"help": "Aggregation weights: 'num_examples' (p_k = n_k / sum n) or 'uniform' (p_k = 1/K)."},
     )
-    eval_every_rounds: int = field(
-        default=1, metadata={"help": "Evaluate the global model every N rounds (0: only after the last round)."}
+    eval_every_rounds: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate the global model every N rounds and after the last (0: only after the last round); "
+            "sets eval_strategy='epoch'. Unset: eval_strategy decides ('epoch': every round, 'steps': at the round "
+            "ends reaching each multiple of eval_steps, 'no': never)."
+        },
     )
-    save_every_rounds: int = field(
-        default=0,
+    save_every_rounds: int | None = field(
+        default=None,
         metadata={
             "help": "Write a round checkpoint (the merged global model and the state to resume from) to "
-            "output_dir/round-N every N rounds (0: never); save_total_limit keeps the newest."
+            "output_dir/round-N every N rounds (0: never); save_total_limit keeps the newest. Unset: save_strategy "
+            "decides ('steps', the default: at the round ends reaching each multiple of save_steps and after the "
+            "last round; 'epoch': every round; 'best': at each new best metric; 'no': never)."
         },
     )
     aggregation_rule: str = field(
@@ -198,16 +216,16 @@ class FederatedConfig(TrainingArguments):
         """How many clients each round samples: `clients_per_round`, or every client when it is unset."""
         return self.clients_per_round or self.num_clients
 
-    def evaluation_due(self, round_number: int) -> bool:
-        """Whether the global model is evaluated after round `round_number`: every `eval_every_rounds` rounds, and
-        after the last."""
-        every = self.eval_every_rounds
-        return round_number == self.num_rounds or (every > 0 and round_number % every == 0)
-
     def __post_init__(self) -> None:
         self._check_galore()  # these two before TrainingArguments sets up DeepSpeed for a combination we refuse
         self._check_deepspeed()
+        # TrainingArguments checks in steps that every evaluation has a checkpoint for load_best_model_at_end;
+        # here a round with a new best metric is always checkpointed (schedule.keeps_best), so it is skipped
+        load_best, self.load_best_model_at_end = self.load_best_model_at_end, False
+        if load_best and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
         super().__post_init__()
+        self.load_best_model_at_end = load_best
         self.average_tokens_across_devices = False  # see the class docstring
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be at least 1, got {self.num_clients}.")
@@ -235,8 +253,7 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(f"num_rounds must be at least 1, got {self.num_rounds}.")
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("Set either local_steps or local_epochs, not both.")
-        if self.local_steps is None and self.local_epochs is None:
-            self.local_steps = 10
+        resolve_run_length(self)
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"local_steps must be at least 1, got {self.local_steps}.")
         if self.local_epochs is not None and self.local_epochs <= 0:
@@ -244,15 +261,9 @@ class FederatedConfig(TrainingArguments):
         self._check_partition()
         if self.client_weighting not in CLIENT_WEIGHTINGS:
             raise ValueError(f"client_weighting must be one of {CLIENT_WEIGHTINGS}, got {self.client_weighting!r}.")
-        if self.eval_every_rounds < 0 or self.save_every_rounds < 0:
-            raise ValueError("eval_every_rounds and save_every_rounds must be >= 0 (0 turns the periodic run off).")
+        resolve_intervals(self)
         self._check_strategy()
         self._check_processes()
-        if self.max_steps > 0:
-            logger.warning(
-                "FederatedConfig ignores max_steps=%d: the run is num_rounds x local_steps optimizer steps.",
-                self.max_steps,
-            )
 
     def _check_processes(self) -> None:
         if self.fsdp or launched_with("FSDP"):

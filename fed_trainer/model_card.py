@@ -27,10 +27,12 @@ $quantized- local optimizer: `$optimizer`
 - client weighting: `$weighting`
 - aggregation rule: `$rule`$clip
 $privacy
-Final metrics of the global model:
-
 $metrics
-""")
+$round_table""")
+
+ROUND_COLUMNS = {"round": "Round", "step": "Step", "loss": "Train loss", "learning_rate": "Learning rate",
+                 "bytes_up": "Bytes up", "bytes_down": "Bytes down", "dp_epsilon": "DP epsilon"}  # fmt: skip
+EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time")
 
 
 def card_tags(trainer: FederatedTrainer) -> list[str]:
@@ -38,11 +40,62 @@ def card_tags(trainer: FederatedTrainer) -> list[str]:
     return ["fed_trainer", "federated-learning", trainer.strategy.name]
 
 
+def card_log_history(log_history: list[dict]) -> list[dict]:
+    """`log_history` as Trainer's model card reads it (`transformers.modelcard.parse_log_history`): each round
+    becomes a training entry (its `loss`) and, when it was evaluated, an entry of its `eval_*` metrics, both at the
+    round's epoch (the rounds done) and step; other entries (the run's summary) pass unchanged."""
+    view = []
+    for entry in log_history:
+        if "round" not in entry:
+            view.append(entry)
+            continue
+        at = {"epoch": entry.get("epoch", float(entry["round"])), "step": entry.get("step")}
+        view.append({"loss": entry["loss"], "learning_rate": entry["learning_rate"], **at})
+        metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and k not in EVAL_TIMINGS}
+        if metrics:
+            view.append({**metrics, **at})
+    return view
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) and abs(value) < 1e-3 else (
+        f"{value:.4f}" if isinstance(value, float) else str(value))  # fmt: skip
+
+
+def rounds_table(rounds: list[dict]) -> str:
+    """A markdown table of the rounds' log entries: round, step, train loss, learning rate, bytes, privacy spent
+    and the eval metrics of the rounds that were evaluated."""
+    if not rounds:
+        return ""
+    seen = {k for entry in rounds for k in entry}
+    columns = [k for k in ROUND_COLUMNS if k in seen]
+    columns += sorted(k for k in seen if k.startswith("eval_") and k not in EVAL_TIMINGS)
+    lines = ["| " + " | ".join(ROUND_COLUMNS.get(k, k) for k in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(entry.get(k)) for k in columns) + " |" for entry in rounds]
+    return "\nRounds:\n\n" + "\n".join(lines) + "\n"
+
+
+def reported_metrics(trainer: FederatedTrainer, rounds: list[dict]) -> str:
+    """The eval metrics of the saved model: the best round's with `load_best_model_at_end`, else the last
+    evaluated round's."""
+    evaluated = [e for e in rounds if any(k.startswith("eval_") for k in e)]
+    best = trainer.state.best_global_step if trainer.args.load_best_model_at_end else None
+    chosen = next((e for e in evaluated if e.get("step") == best), evaluated[-1] if evaluated else None)
+    if chosen is None:
+        return "The global model was not evaluated during training.\n"
+    which = "best" if chosen.get("step") == best else "last evaluated"
+    lines = [f"Metrics of the global model after round {chosen['round']} (the {which} round):", ""]
+    lines += [f"- {k}: {_cell(v)}" for k, v in chosen.items() if k.startswith("eval_") and k not in EVAL_TIMINGS]
+    return "\n".join(lines) + "\n"
+
+
 def federated_section(trainer: FederatedTrainer) -> str:
     """The model card's "Federated training" section for the run `trainer` has done so far."""
     args, strategy = trainer.args, trainer.strategy
     rounds = [entry for entry in trainer.state.log_history if "round" in entry]
-    final = {k: v for k, v in (rounds[-1] if rounds else {}).items() if k.startswith("eval_") or k == "train_loss"}
+    metrics = reported_metrics(trainer, rounds)
     paper = f" ([{strategy.paper[0]}](https://arxiv.org/abs/{strategy.paper[1]}))" if strategy.paper else ""
     local = f"{args.local_steps}" if args.local_steps is not None else f"{args.local_epochs} epochs"
     privacy = ""
@@ -76,5 +129,6 @@ def federated_section(trainer: FederatedTrainer) -> str:
         rule=args.aggregation_rule,
         clip=f", updates clipped to L2 norm {args.update_clip_norm}" if args.update_clip_norm is not None else "",
         privacy=privacy,
-        metrics="\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in final.items()),
+        metrics=metrics,
+        round_table=rounds_table(rounds),
     )

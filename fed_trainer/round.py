@@ -146,7 +146,7 @@ class Round:
         self.trainer.state.global_step = self.number * self.steps_per_round
         logs = {
             "round": self.number,
-            "train_loss": float(np.mean([outcome["losses"][cid] for cid in kept])),
+            "loss": float(np.mean([outcome["losses"][cid] for cid in kept])),
             "learning_rate": self.trainer.client_runner.last_learning_rate,
             "num_clients": len(kept),
         }

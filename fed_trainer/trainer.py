@@ -14,6 +14,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
@@ -26,13 +27,14 @@ from fed_trainer.checkpoint import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from fed_trainer.client import ClientRunner, local_steps_for
+from fed_trainer.client import TRAINER_LOGGER, ClientRunner, each_message_once, local_steps_for
 from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
-from fed_trainer.model_card import card_tags, federated_section
+from fed_trainer.model_card import card_log_history, card_tags, federated_section
 from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, InProcessClients, Round
+from fed_trainer.schedule import evaluation_due, is_new_best, keeps_best, save_due
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.strategies.capabilities import check_capabilities
 from fed_trainer.zero import reload_partitions, share_engine, whole_copy
@@ -105,6 +107,13 @@ class FederatedTrainer(Trainer):
                 "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
                 "optimizer instances: pass optimizer_cls_and_kwargs=(OptimizerClass, kwargs) instead."
             )
+        if eval_dataset is None and args.eval_strategy != "no":
+            schedule = (f"eval_every_rounds={args.eval_every_rounds}" if args.eval_every_rounds is not None
+                        else f"eval_strategy={args.eval_strategy.value!r}")  # fmt: skip
+            raise ValueError(
+                f"{schedule} evaluates the global model after rounds, but no eval_dataset was given: pass "
+                "eval_dataset=..., or leave eval_strategy='no' and eval_every_rounds unset."
+            )
         self.strategy = strategy if strategy is not None else get_strategy(args.strategy, **args.strategy_kwargs)
         self.client_datasets = client_datasets_from(args, client_datasets, train_dataset)
         if isinstance(model, PeftModel) and not self.strategy.capabilities.lora:
@@ -158,32 +167,26 @@ class FederatedTrainer(Trainer):
         steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
         self.state = TrainerState(
             max_steps=args.num_rounds * steps_per_round,
+            num_train_epochs=args.num_rounds,
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
         )
-        self.state.epoch = None
         self._progress = {"round": 0, "total_bytes_up": 0, "total_bytes_down": 0, "round_losses": []}
         if resume_from_checkpoint:
             self._resume(resolve_checkpoint(resume_from_checkpoint, args.output_dir))
             self.state.global_step = self._progress["round"] * steps_per_round
+        self.state.epoch = float(self._progress["round"])  # rounds done: the epochs of a federated run
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
         progress = self._progress
-        for round_number in range(progress["round"] + 1, args.num_rounds + 1):
-            logs = Round(self, round_number, steps_per_round).run(self.client_executor)
-            progress["total_bytes_up"] += logs["bytes_up"]
-            progress["total_bytes_down"] += logs["bytes_down"]
-            progress["round_losses"].append(logs["train_loss"])
-            progress["round"] = round_number
-            logs.update(total_bytes_up=progress["total_bytes_up"], total_bytes_down=progress["total_bytes_down"])
-            if args.evaluation_due(round_number) and self.eval_dataset is not None:
-                with self._logging_into(logs):
-                    self.evaluate(ignore_keys=ignore_keys_for_eval)
-            self.log(logs)
-            if args.save_every_rounds and round_number % args.save_every_rounds == 0:
-                self.save_round_checkpoint()
-            if self.control.should_training_stop:
-                break
+        with each_message_once(TRAINER_LOGGER):  # local training would repeat its log lines for every client
+            for round_number in range(progress["round"] + 1, args.num_rounds + 1):
+                logs = Round(self, round_number, steps_per_round).run(self.client_executor)
+                self._finish_round(logs, steps_per_round, ignore_keys_for_eval)
+                if self.control.should_training_stop:
+                    break
+        if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_round()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
         metrics = speed_metrics("train", start_time, num_steps=self.state.global_step)
@@ -195,10 +198,31 @@ class FederatedTrainer(Trainer):
         self.log(dict(metrics))
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
+    def _finish_round(self, logs: dict, steps_per_round: int, ignore_keys_for_eval) -> None:
+        """After a round: count its bytes and loss, evaluate when due (tracking the best metric), log the round as
+        one entry, and write a checkpoint when the schedule or a new best metric asks for one."""
+        args, progress, round_number = self.args, self._progress, logs["round"]
+        progress["total_bytes_up"] += logs["bytes_up"]
+        progress["total_bytes_down"] += logs["bytes_down"]
+        progress["round_losses"].append(logs["loss"])
+        progress["round"] = round_number
+        self.state.epoch = float(round_number)
+        logs.update(total_bytes_up=progress["total_bytes_up"], total_bytes_down=progress["total_bytes_down"])
+        new_best = False
+        if evaluation_due(args, round_number, steps_per_round):
+            with self._logging_into(logs):
+                self.evaluate(ignore_keys=ignore_keys_for_eval)
+            new_best = is_new_best(args, self.state, logs)
+        self.log(logs)
+        if save_due(args, round_number, steps_per_round) or (new_best and keeps_best(args)):
+            self.save_round_checkpoint()
+
     def save_round_checkpoint(self) -> str:
         """Write `output_dir/round-N` for the last finished round N: the merged global model (a plain
         transformers model) and `federated_state.pt` to resume from. Atomic: written aside, then renamed."""
         directory = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self._progress['round']}"
+        if self.state.best_global_step == self.state.global_step:  # this round holds the best metric so far
+            self.state.best_model_checkpoint = str(directory)
         model_state = self._global_state_dict()  # under ZeRO-3 every rank takes part in the gathers
         strategy_state = self.strategy.state_dict()
         if self.args.should_save:
@@ -209,8 +233,9 @@ class FederatedTrainer(Trainer):
                 model = self.accelerator.unwrap_model(self.model)
                 state = federated_state(model, self.strategy, model_state, strategy_state, self._progress, self.state)
                 torch.save(state, staging / STATE_FILE)
+                self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
 
-            write_checkpoint(directory, write, keep=self.args.save_total_limit)
+            write_checkpoint(directory, write, keep=self.args.save_total_limit, best=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return str(directory)
@@ -222,13 +247,29 @@ class FederatedTrainer(Trainer):
             return self.accelerator.get_state_dict(self.deepspeed)
         return self.accelerator.unwrap_model(self.model).state_dict()
 
-    def _resume(self, path: Path) -> None:
-        """Continue from the round checkpoint in `path`: the live model, the strategy, the RNGs and the progress."""
+    def _load_round(self, path: Path) -> dict:
+        """Load the round checkpoint in `path` into the live model and the strategy (and restore the RNGs)."""
         checkpoint = load_round_checkpoint(path, self.accelerator.unwrap_model(self.model), self.strategy)
         reload_partitions(self.client_runner.engine)
+        return checkpoint
+
+    def _resume(self, path: Path) -> None:
+        """Continue from the round checkpoint in `path`: the live model, the strategy, the RNGs, the progress and
+        the best metric so far."""
+        checkpoint = self._load_round(path)
         self.state.log_history = checkpoint["log_history"]
+        for name, value in checkpoint.get("best", {}).items():  # absent from older checkpoints
+            setattr(self.state, name, value)
         self._progress = checkpoint["progress"]
         logger.info(f"Resuming from {path}: {self._progress['round']} of {self.args.num_rounds} rounds done.")
+
+    def _load_best_round(self) -> None:
+        """Make the best evaluated round's global model (`state.best_model_checkpoint`) the live one, with its
+        strategy state: what `save_model`, `evaluate` and `push_to_hub` see after `load_best_model_at_end`."""
+        path = self.state.best_model_checkpoint
+        logger.info(f"Loading the global model of the best round from {path} ({self.args.metric_for_best_model} = "
+                    f"{self.state.best_metric}).")  # fmt: skip
+        self._load_round(Path(path))
 
     @contextlib.contextmanager
     def _logging_into(self, logs: dict):
@@ -290,7 +331,12 @@ class FederatedTrainer(Trainer):
         """Trainer's model card, tagged as federated, plus a section stating the federated set-up, the strategy's
         paper and the final metrics (`fed_trainer.model_card`)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(tags=[*tags, *card_tags(self)], **kwargs)
+        history = self.state.log_history
+        self.state.log_history = card_log_history(history)  # Trainer's results table, a row per evaluated round
+        try:
+            super().create_model_card(tags=[*tags, *card_tags(self)], **kwargs)
+        finally:
+            self.state.log_history = history
         if self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
                 f.write(federated_section(self))

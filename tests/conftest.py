@@ -49,6 +49,7 @@ def fed_config(tmp_path, **overrides) -> FederatedConfig:
         disable_tqdm=True,
         use_cpu=True,
         dataloader_pin_memory=False,
+        save_strategy="no",  # Trainer's default would checkpoint after the last round (tests/test_schedule.py)
         seed=7,
     )
     kwargs.update(overrides)

@@ -37,9 +37,11 @@ def test_invalid_config_raises_a_message_that_names_the_fix(tmp_path, overrides,
         FederatedConfig(output_dir=str(tmp_path), **overrides)
 
 
-def test_defaults(tmp_path):
+def test_defaults(tmp_path, caplog):
     config = FederatedConfig(output_dir=str(tmp_path))
-    assert config.local_steps == 10 and config.local_epochs is None
+    # a plain script's run: TrainingArguments' 3 epochs spread over the 10 rounds, said in a warning
+    assert config.local_steps is None and config.local_epochs == pytest.approx(0.3)
+    assert "num_train_epochs=3 is spread over num_rounds=10 rounds" in caplog.text
     assert config.strategy == "fedavg" and config.client_weighting == "num_examples"
     assert FederatedConfig(output_dir=str(tmp_path), local_epochs=2.0).local_steps is None
 

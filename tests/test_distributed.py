@@ -56,7 +56,7 @@ def test_two_processes_end_with_the_global_model_of_one(tmp_path, flags):
     one, two = (json.loads((tmp_path / d / "rounds.json").read_text()) for d in ("one", "two"))
     for a, b in zip(one, two, strict=True):
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a.get("num_clients_dropped") == b.get("num_clients_dropped")
     if "--fail_client" in flags:
         assert [entry.get("num_clients_dropped") for entry in two] == [None, 1]

@@ -148,7 +148,7 @@ def test_round_logs_losses_bytes_and_eval(make_config):
     for r in rounds:
         assert r["bytes_up"] == r["bytes_down"] == 3 * per_client
         assert r["total_bytes_up"] == r["round"] * 3 * per_client
-        assert r["num_clients"] == 3 and r["train_loss"] > 0
+        assert r["num_clients"] == 3 and r["loss"] > 0
     assert output.metrics["total_bytes_up"] == 9 * per_client
     assert output.global_step == 9
 
@@ -169,7 +169,12 @@ def test_training_lowers_the_loss(make_config):
     trainer = FederatedTrainer(
         model=tiny_bert(dropout=0.0),
         args=make_config(
-            num_clients=4, num_rounds=6, local_steps=5, learning_rate=3e-3, per_device_train_batch_size=8
+            num_clients=4,
+            num_rounds=6,
+            local_steps=5,
+            learning_rate=3e-3,
+            per_device_train_batch_size=8,
+            eval_strategy="epoch",
         ),
         train_dataset=toy_dataset(320),
         eval_dataset=toy_dataset(100, seed=9),
@@ -177,7 +182,7 @@ def test_training_lowers_the_loss(make_config):
     trainer.train()
     rounds = [entry for entry in trainer.state.log_history if "round" in entry]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"] - 0.05
-    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    assert rounds[-1]["loss"] < rounds[0]["loss"]
 
 
 def test_client_sampling_and_whole_run_are_deterministic(make_config):

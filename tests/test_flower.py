@@ -242,7 +242,7 @@ def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_
     rounds = [e for e in state["log_history"] if "round" in e]
     for got, want in zip(rounds, json.loads((expected / "rounds.json").read_text()), strict=True):
         assert (got["num_clients"], got["bytes_up"], got["bytes_down"]) == (2, want["bytes_up"], want["bytes_down"])
-        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
 
 
 def test_a_supernode_whose_key_is_not_registered_is_refused(deployments):

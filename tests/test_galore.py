@@ -38,6 +38,7 @@ def test_galore_clients_train_with_projectors_in_their_optimizer_state(make_conf
             local_steps=5,
             learning_rate=3e-3,
             per_device_train_batch_size=8,
+            eval_strategy="epoch",
         ),
         train_dataset=toy_dataset(200),
         eval_dataset=toy_dataset(80, seed=9),
@@ -165,7 +166,9 @@ def outside_span(weight, basis, left: bool):
 def shared_run(make_config, **config):
     names = [n for n, p in tiny_bert().named_parameters() if p.dim() == 2 and GALORE.search(n)]
     probe = SharedProbe(names)
-    trainer = galore_trainer(make_config, [probe], toy_dataset(60, seed=9), strategy="galore_shared", **config)
+    trainer = galore_trainer(
+        make_config, [probe], toy_dataset(60, seed=9), strategy="galore_shared", eval_strategy="epoch", **config
+    )
     probe.strategy = trainer.strategy
     trainer.client_runner.trainer.add_callback(StartingMoments(probe))
     trainer.train()

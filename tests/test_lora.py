@@ -331,7 +331,7 @@ def test_lora_training_lowers_the_loss(make_config):
     trainer = FederatedTrainer(
         model=tiny_bert(dropout=0.0),
         args=make_config(strategy="flexlora", num_clients=4, num_rounds=6, local_steps=5, learning_rate=1e-2,
-                         per_device_train_batch_size=8),
+                         per_device_train_batch_size=8, eval_strategy="epoch"),
         train_dataset=toy_dataset(320),
         eval_dataset=toy_dataset(100, seed=9),
         peft_config=lora_config(["query", "value", "key", "dense"]),

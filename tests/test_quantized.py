@@ -189,6 +189,7 @@ def test_qlora_sft_clients_learn_the_held_out_answers(tmp_path):
         model=quantized(str(tmp_path / "llama"), "4-bit nf4"), processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
         args=FederatedSFTConfig(output_dir=str(tmp_path / "out"), num_rounds=3, local_steps=4, strategy="fedit",
+                                eval_strategy="epoch",
                                 **{**COMMON, "learning_rate": 5e-2}, **FORMATS["conversational"]),
         client_datasets=[qa_data("conversational", 0, 16), qa_data("conversational", 16, 16)],
         eval_dataset=validation,

@@ -43,7 +43,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_global_model(tmp_path, strat
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     logs = [json.loads((tmp_path / d / "rounds.json").read_text()) for d in ("run", "straight")]
     assert [e["round"] for e in logs[0]] == [1, 2, 3, 4]
-    assert [e["train_loss"] for e in logs[0]] == pytest.approx([e["train_loss"] for e in logs[1]], abs=1e-6)
+    assert [e["loss"] for e in logs[0]] == pytest.approx([e["loss"] for e in logs[1]], abs=1e-6)
     # save_total_limit=2 keeps the newest two
     assert sorted(p.name for p in (tmp_path / "run").glob("round-*")) == ["round-3", "round-4"]
 

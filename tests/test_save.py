@@ -67,7 +67,9 @@ def test_the_saved_model_is_the_clients_models_combined_by_the_method(make_confi
 def test_model_card_states_strategy_rounds_clients_partition_and_metrics(make_config):
     trainer = FederatedTrainer(
         model=tiny_bert(),
-        args=make_config(num_clients=3, num_rounds=2, partition="dirichlet", partition_alpha=1.0),
+        args=make_config(
+            num_clients=3, num_rounds=2, partition="dirichlet", partition_alpha=1.0, eval_strategy="epoch"
+        ),
         train_dataset=toy_dataset(60),
         eval_dataset=toy_dataset(10),
     )

@@ -27,7 +27,7 @@ from fed_trainer.strategies.registry import strategy_class
 
 COMMON = dict(
     per_device_train_batch_size=4, learning_rate=1e-3, seed=7, report_to="none", use_cpu=True, bf16=False,
-    disable_tqdm=True, max_length=64, gradient_checkpointing=False, dataloader_pin_memory=False,
+    disable_tqdm=True, max_length=64, gradient_checkpointing=False, dataloader_pin_memory=False, save_strategy="no",
 )  # fmt: skip
 # each data format with the loss TRL puts on it
 FORMATS = {
@@ -134,7 +134,12 @@ def test_datasets_are_prepared_once_and_the_global_model_is_evaluated_as_trl_doe
 
     monkeypatch.setattr(SFTTrainer, "_prepare_dataset", counted)
     args = FederatedSFTConfig(
-        output_dir=str(tmp_path), num_rounds=3, local_steps=2, **COMMON, **FORMATS["conversational"]
+        output_dir=str(tmp_path),
+        num_rounds=3,
+        local_steps=2,
+        eval_strategy="epoch",
+        **COMMON,
+        **FORMATS["conversational"],
     )
     validation = qa_data("conversational", 100, 16)
     trainer = FederatedSFTTrainer(
@@ -196,7 +201,7 @@ def test_sft_clients_on_supernodes_end_with_the_simulations_global_model(tokeniz
     expected = simulated.merged_model().state_dict()
     for name, value in served.merged_model().state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    losses = [[e["train_loss"] for e in t.state.log_history if "round" in e] for t in (served, simulated)]
+    losses = [[e["loss"] for e in t.state.log_history if "round" in e] for t in (served, simulated)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -246,7 +251,7 @@ def test_dpo_trains_every_client_against_the_rounds_global_model(tokenizer, name
     )  # fmt: skip
     trainer.train()
     rounds = [entry for entry in trainer.state.log_history if "round" in entry]
-    assert [entry["train_loss"] for entry in rounds] == pytest.approx([math.log(2)] * 3, abs=1e-6)
+    assert [entry["loss"] for entry in rounds] == pytest.approx([math.log(2)] * 3, abs=1e-6)
     moved = [max((r["start"][k] - record.rounds[0]["start"][k]).abs().max().item() for k in r["start"])
              for r in record.rounds[1:]]  # fmt: skip
     assert min(moved) > 1e-4, moved  # the reference really changed between rounds
@@ -257,7 +262,7 @@ def test_dpo_evaluates_the_global_model_against_the_last_rounds_start(tokenizer,
     trainer = FederatedDPOTrainer(
         model=tiny_llama(tokenizer), processing_class=tokenizer, callbacks=[record], eval_dataset=validation,
         client_datasets=[preference_pairs(*client) for client in TWO_CLIENTS],
-        args=FederatedDPOConfig(output_dir=str(tmp_path), num_rounds=2, local_steps=2,
+        args=FederatedDPOConfig(output_dir=str(tmp_path), num_rounds=2, local_steps=2, eval_strategy="epoch",
                                 **{**DPO, "learning_rate": 1e-2}),
     )  # fmt: skip
     trainer.train()

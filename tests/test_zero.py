@@ -87,7 +87,7 @@ def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_proce
     one, zero = (json.loads((d / "rounds.json").read_text()) for d in (expected, two))
     for a, b in zip(one, zero, strict=True):  # bytes of whole tensors, not of one rank's shards; loss of both halves
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_a_zero3_run_killed_mid_round_resumes_to_the_global_model_of_one_process(tmp_path):
