@@ -31,6 +31,7 @@ from fed_trainer.client import TRAINER_LOGGER, ClientRunner, each_message_once, 
 from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
+from fed_trainer.hub import push_round, round_checkpoints_left_out
 from fed_trainer.model_card import card_log_history, card_tags, federated_section
 from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, InProcessClients, Round
@@ -237,6 +238,7 @@ class FederatedTrainer(Trainer):
 
             write_checkpoint(directory, write, keep=self.args.save_total_limit, best=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
+        push_round(self, directory, self._progress["round"])
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return str(directory)
 
@@ -326,6 +328,12 @@ class FederatedTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             self.model = model
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """`Trainer.push_to_hub`: the merged global model (a plain transformers model), the processing class and the
+        model card with its federated section; the round checkpoints in `output_dir` are not uploaded."""
+        with round_checkpoints_left_out():
+            return super().push_to_hub(commit_message, blocking, **kwargs)
 
     def create_model_card(self, tags: str | list[str] | None = None, **kwargs) -> None:
         """Trainer's model card, tagged as federated, plus a section stating the federated set-up, the strategy's
