@@ -20,7 +20,7 @@ install:
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e ".[dev,examples,privacy,deepspeed,flower,trl,tracking]"
+	$(PIP_INSTALL) -e ".[dev,examples,privacy,deepspeed,flower,trl,tracking,hpsearch]"
 	$(PIP_INSTALL) --no-deps $(ASSETS)
 	@if [ ! -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then \
 		$(SUDO) apt-get install -y -q dataset-fashion-mnist || \

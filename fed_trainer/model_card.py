@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from fed_trainer.privacy import privacy_spent
 from fed_trainer.quantized import merged_dtype, quantization_of
+from fed_trainer.schedule import EVAL_TIMINGS
 
 if TYPE_CHECKING:
     from fed_trainer.trainer import FederatedTrainer
@@ -32,7 +33,6 @@ $round_table""")
 
 ROUND_COLUMNS = {"round": "Round", "step": "Step", "loss": "Train loss", "learning_rate": "Learning rate",
                  "bytes_up": "Bytes up", "bytes_down": "Bytes down", "dp_epsilon": "DP epsilon"}  # fmt: skip
-EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time")
 
 
 def card_tags(trainer: FederatedTrainer) -> list[str]:

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 DEFAULT_EPOCHS = 3.0  # TrainingArguments.num_train_epochs' default
+# what `evaluate()` reports beside the metrics: timings, not scores
+EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time")
 
 
 def resolve_run_length(args: FederatedConfig) -> None:
@@ -115,6 +117,11 @@ def save_due(args: FederatedConfig, round_number: int, steps_per_round: int) -> 
 def keeps_best(args: FederatedConfig) -> bool:
     """Whether every round that sets a new best `metric_for_best_model` is checkpointed."""
     return args.load_best_model_at_end or args.save_strategy == SaveStrategy.BEST
+
+
+def eval_scores(logs: dict) -> dict:
+    """The eval metrics of a round's log entry, less the timings: what a hyperparameter search's objective sees."""
+    return {k: v for k, v in logs.items() if k.startswith("eval_") and k not in EVAL_TIMINGS}
 
 
 def is_new_best(args: FederatedConfig, state, metrics: dict) -> bool:

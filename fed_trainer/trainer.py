@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,12 +36,14 @@ from fed_trainer.hub import push_round, round_checkpoints_left_out
 from fed_trainer.model_card import card_log_history, card_tags, federated_section
 from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, InProcessClients, Round
-from fed_trainer.schedule import evaluation_due, is_new_best, keeps_best, save_due
+from fed_trainer.schedule import eval_scores, evaluation_due, is_new_best, keeps_best, save_due
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.strategies.capabilities import check_capabilities
 from fed_trainer.zero import reload_partitions, share_engine, whole_copy
 
 logger = logging.get_logger(__name__)
+
+DATA_FIELDS = ("num_clients", "partition", "partition_alpha", "partition_label_column", "seed")  # fixed by a search
 
 
 class FederatedTrainer(Trainer):
@@ -101,8 +104,10 @@ class FederatedTrainer(Trainer):
                 f"FederatedTrainer needs a FederatedConfig as args, got {type(args).__name__}: build it with "
                 "FederatedConfig(**training_args.to_dict(), num_clients=..., num_rounds=...)."
             )
-        if model_init is not None:
-            raise ValueError("FederatedTrainer does not support model_init: pass the initial global model as model.")
+        if model_init is not None:  # the initial global model, and a fresh one for every hyperparameter trial
+            if model is not None:
+                raise ValueError("Pass model or model_init, not both: model_init builds the initial global model.")
+            model = model_init(None) if inspect.signature(model_init).parameters else model_init()
         if any(o is not None for o in optimizers):
             raise ValueError(
                 "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
@@ -117,14 +122,8 @@ class FederatedTrainer(Trainer):
             )
         self.strategy = strategy if strategy is not None else get_strategy(args.strategy, **args.strategy_kwargs)
         self.client_datasets = client_datasets_from(args, client_datasets, train_dataset)
-        if isinstance(model, PeftModel) and not self.strategy.capabilities.lora:
-            raise ValueError(
-                f"model is a PeftModel but strategy {self.strategy.name!r} averages full weights: pass the base model "
-                "with peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
-            )
-        peft_configs = client_lora_configs(list(self.client_datasets), peft_config, client_peft_configs)
-        check_capabilities(self.strategy, args, peft_configs, quantization_of(model))
-        model = self.strategy.setup(model, args, peft_configs)
+        self._peft_configs = (peft_config, client_peft_configs)
+        model = self._federated_model(model, args)
         super().__init__(
             model=model,
             args=args,
@@ -144,10 +143,42 @@ class FederatedTrainer(Trainer):
             self.add_callback(RoundProgressCallback)
         self._round_logs: dict | None = None
         self.client_trainer_cls, self.client_callbacks = client_trainer_cls, list(client_callbacks or [])
+        self.model_init = model_init
         self.client_runner = ClientRunner(self)
         # where the clients train: in this process; fed_trainer.flower sets its SuperNodes' executor instead
         self.client_executor: ClientExecutor = InProcessClients()
         share_engine(self)
+
+    def _federated_model(self, model: nn.Module, args: FederatedConfig) -> nn.Module:
+        """`model` as `self.strategy` trains it (a PEFT model for a LoRA strategy), after checking that the
+        strategy supports the run's set-up."""
+        if isinstance(model, PeftModel) and not self.strategy.capabilities.lora:
+            raise ValueError(
+                f"model is a PeftModel but strategy {self.strategy.name!r} averages full weights: pass the base model "
+                "with peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
+            )
+        peft_configs = client_lora_configs(list(self.client_datasets), *self._peft_configs)
+        check_capabilities(self.strategy, args, peft_configs, quantization_of(model))
+        return self.strategy.setup(model, args, peft_configs)
+
+    def _start_trial(self, trial) -> None:
+        """Begin a hyperparameter-search trial: Trainer applies its arguments, then a fresh global model from
+        `model_init`, a fresh strategy and a fresh client trainer. The clients' datasets stay those of the search."""
+        if self.is_deepspeed_enabled:
+            raise ValueError("hyperparameter_search is not supported under DeepSpeed: run one trial per launch.")
+        data_fields = {name: getattr(self.args, name) for name in DATA_FIELDS}
+        self._hp_search_setup(trial)
+        changed = [name for name, value in data_fields.items() if getattr(self.args, name) != value]
+        if changed:
+            raise ValueError(
+                f"A hyperparameter trial may not change {changed}: the clients' datasets are made once, when the "
+                "trainer is built. Search training fields (learning_rate, num_rounds, local_steps, "
+                "server_learning_rate, ...) instead."
+            )
+        self.strategy = get_strategy(self.args.strategy, **self.args.strategy_kwargs)
+        self.model = self.model_wrapped = self._federated_model(self.call_model_init(trial), self.args)
+        self._move_model_to_device(self.model, self.args.device)
+        self.client_runner = ClientRunner(self)
 
     def client_trainer_kwargs(self) -> dict:
         """Arguments of the client trainer beyond its model, args, processing class and optimizer class (see
@@ -163,6 +194,8 @@ class FederatedTrainer(Trainer):
         `resume_from_checkpoint`: True (the newest `round-N` checkpoint in `output_dir`) or a checkpoint folder;
         the run continues after that round and ends as an uninterrupted run with the same seed would.
         """
+        if trial is not None and self.model_init is not None:
+            self._start_trial(trial)
         args = self.args
         self.is_in_train = True
         steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
@@ -183,7 +216,7 @@ class FederatedTrainer(Trainer):
         with each_message_once(TRAINER_LOGGER):  # local training would repeat its log lines for every client
             for round_number in range(progress["round"] + 1, args.num_rounds + 1):
                 logs = Round(self, round_number, steps_per_round).run(self.client_executor)
-                self._finish_round(logs, steps_per_round, ignore_keys_for_eval)
+                self._finish_round(logs, steps_per_round, ignore_keys_for_eval, trial)
                 if self.control.should_training_stop:
                     break
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
@@ -199,9 +232,10 @@ class FederatedTrainer(Trainer):
         self.log(dict(metrics))
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
-    def _finish_round(self, logs: dict, steps_per_round: int, ignore_keys_for_eval) -> None:
+    def _finish_round(self, logs: dict, steps_per_round: int, ignore_keys_for_eval, trial) -> None:
         """After a round: count its bytes and loss, evaluate when due (tracking the best metric), log the round as
-        one entry, and write a checkpoint when the schedule or a new best metric asks for one."""
+        one entry, and write a checkpoint when the schedule or a new best metric asks for one; in a hyperparameter
+        search, report the eval metrics to the trial (which may prune it)."""
         args, progress, round_number = self.args, self._progress, logs["round"]
         progress["total_bytes_up"] += logs["bytes_up"]
         progress["total_bytes_down"] += logs["bytes_down"]
@@ -214,6 +248,7 @@ class FederatedTrainer(Trainer):
             with self._logging_into(logs):
                 self.evaluate(ignore_keys=ignore_keys_for_eval)
             new_best = is_new_best(args, self.state, logs)
+            self._report_to_hp_search(trial, self.state.global_step, eval_scores(logs))  # may prune the trial
         self.log(logs)
         if save_due(args, round_number, steps_per_round) or (new_best and keeps_best(args)):
             self.save_round_checkpoint()

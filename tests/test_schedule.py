@@ -6,9 +6,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, EarlyStoppingCallback
 
 from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer
@@ -222,8 +224,6 @@ def test_a_log_line_of_local_training_is_not_repeated_per_client(make_config):
 
 
 def test_tensorboard_gets_one_entry_per_round_at_the_runs_step(make_config):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     dp = dict(update_clip_norm=1.0, dp_noise_multiplier=0.5, client_weighting="uniform")
     trainer = build(make_config, num_rounds=3, eval_strategy="epoch", report_to=["tensorboard"], **dp)
     trainer.train()
@@ -237,3 +237,83 @@ def test_tensorboard_gets_one_entry_per_round_at_the_runs_step(make_config):
     assert [r["step"] for r in rounds] == [3, 6, 9]
     mean_loss = np.mean([r["loss"] for r in rounds])  # the summary's train_loss, once, at the last step
     assert [(s.step, s.value) for s in scalars.Scalars("train/train_loss")] == [(9, pytest.approx(mean_loss))]
+
+
+class FirstRounds(FederatedCallback):
+    """Per train() call: the global model each run starts from, and the rounds it ran."""
+
+    def __init__(self):
+        self.starts, self.rounds, self.steps = [], [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.rounds.append([])
+        self.steps.append((state.max_steps, args.server_learning_rate))
+
+    def on_round_begin(self, args, state, control, round=None, model=None, **kwargs):
+        if round == 1:
+            self.starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        self.rounds[-1].append(round)
+
+
+def searchable(make_config, record, **config):
+    return FederatedTrainer(
+        model_init=lambda: tiny_bert(dropout=0.0), args=make_config(eval_strategy="epoch", **config),
+        client_datasets=CLIENTS, eval_dataset=toy_dataset(16, seed=9), callbacks=[record],
+    )  # fmt: skip
+
+
+def federated_space(trial):
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+        "num_rounds": trial.suggest_int("num_rounds", 1, 3),
+        "local_steps": trial.suggest_int("local_steps", 1, 3),
+        "server_learning_rate": trial.suggest_float("server_learning_rate", 0.5, 1.0),
+    }
+
+
+def search(trainer, tmp_path, **kwargs) -> tuple:
+    """Run trainer.hyperparameter_search with optuna; (its best run, the study's trials)."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    best = trainer.hyperparameter_search(backend="optuna", storage=storage, study_name="fed", **kwargs)
+    return best, optuna.load_study(study_name="fed", storage=storage).trials
+
+
+def test_hyperparameter_search_trials_start_from_a_fresh_global_model_with_their_fields(make_config, tmp_path):
+    record = FirstRounds()
+    trainer = searchable(make_config, record, server_optimizer="fedavgm")
+    best, study = search(trainer, tmp_path, hp_space=federated_space, n_trials=3, direction="minimize",
+                         sampler=optuna.samplers.RandomSampler(seed=0))  # fmt: skip
+    fresh = tiny_bert(dropout=0.0).state_dict()
+    for start in record.starts:  # every trial began from model_init's model, not the last trial's
+        for name, value in fresh.items():
+            torch.testing.assert_close(start[name], value, rtol=0, atol=0)
+    trials = [t for t in study if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3 and len(record.rounds) == 3
+    for trial, rounds, steps in zip(trials, record.rounds, record.steps):
+        params = trial.params
+        assert rounds == list(range(1, params["num_rounds"] + 1))
+        assert steps == (params["num_rounds"] * params["local_steps"], params["server_learning_rate"])
+        # the objective is the eval loss of the last evaluated round, reported after every round
+        assert len(trial.intermediate_values) == trial.params["num_rounds"]
+        assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
+    assert best.objective == min(t.value for t in trials)
+
+
+class PruneTheFirstTrial(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number == 0
+
+
+def test_a_trial_can_be_pruned_after_an_evaluated_round(make_config, tmp_path):
+    record = FirstRounds()
+    trainer = searchable(make_config, record)
+    space = lambda trial: {"num_rounds": trial.suggest_int("num_rounds", 3, 3)}  # noqa: E731
+    _, study = search(trainer, tmp_path, hp_space=space, n_trials=2, pruner=PruneTheFirstTrial())
+    assert [t.state for t in study] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert record.rounds == [[1], [1, 2, 3]]  # pruned after its first evaluated round
+
+
+def test_a_trial_may_not_change_the_clients(make_config):
+    trainer = searchable(make_config, FirstRounds())
+    with pytest.raises(ValueError, match=r"may not change \['num_clients'\]"):
+        trainer.hyperparameter_search(hp_space=lambda trial: {"num_clients": 2}, backend="optuna", n_trials=1)
