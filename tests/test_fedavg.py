@@ -108,11 +108,24 @@ def test_events_arrive_in_order_and_every_client_starts_from_the_global_model(ma
             assert torch.equal(start[name], reference[name]), name
 
 
-def test_one_client_one_round_equals_a_plain_trainer(make_config, tmp_path):
+# local-training options of TrainingArguments, each doing in a client what it does in a plain Trainer run
+LOCAL_OPTIONS = {
+    "plain": {},
+    "gradient_accumulation": dict(gradient_accumulation_steps=2),
+    "bf16_autocast": dict(bf16=True),
+    "gradient_checkpointing": dict(gradient_checkpointing=True),
+    "neftune": dict(neftune_noise_alpha=5.0),
+    # dynamo's graph capture without inductor's code generation, which takes over a minute on a CPU
+    "torch_compile": dict(torch_compile=True, torch_compile_backend="aot_eager"),
+}
+
+
+@pytest.mark.parametrize("options", list(LOCAL_OPTIONS.values()), ids=list(LOCAL_OPTIONS))
+def test_one_client_one_round_equals_a_plain_trainer(make_config, tmp_path, options):
     steps, data = 6, toy_dataset(40, seed=5)
     common = dict(
         per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=2, seed=7, report_to="none",
-        use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False,
+        use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, **options,
     )  # fmt: skip
     plain_model = tiny_bert(seed=3)
     Trainer(
@@ -129,6 +142,10 @@ def test_one_client_one_round_equals_a_plain_trainer(make_config, tmp_path):
     fed_state = fed.merged_model().state_dict()
     for name, value in plain_model.state_dict().items():
         torch.testing.assert_close(fed_state[name], value, rtol=1e-5, atol=1e-6)
+    if options.get("gradient_checkpointing"):  # the same weights with or without it: check it was on
+        assert fed.model.is_gradient_checkpointing
+    if options.get("torch_compile"):
+        assert isinstance(fed.client_runner.trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_round_logs_losses_bytes_and_eval(make_config):
