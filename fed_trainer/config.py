@@ -130,6 +130,14 @@ class FederatedConfig(TrainingArguments):
             "last round; 'epoch': every round; 'best': at each new best metric; 'no': never)."
         },
     )
+    client_eval_split: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this share of each client's data (a seeded split) and evaluate the global model on "
+            "every client's held-out part in each evaluated round: eval_client_<id>_<metric> and the clients' "
+            "eval_clients_mean_/worst_/std_<metric> (or pass client_eval_datasets to the trainer)."
+        },
+    )
     aggregation_rule: str = field(
         default="mean",
         metadata={
@@ -234,6 +242,8 @@ class FederatedConfig(TrainingArguments):
                 f"clients_per_round={self.clients_per_round} must be between 1 and num_clients={self.num_clients}; "
                 "leave it unset to train every client each round."
             )
+        if self.client_eval_split is not None and not 0 < self.client_eval_split < 1:
+            raise ValueError(f"client_eval_split must be in (0, 1), got {self.client_eval_split}.")
         if self.aggregation_rule not in AGGREGATION_RULES:
             raise ValueError(f"aggregation_rule must be one of {AGGREGATION_RULES}, got {self.aggregation_rule!r}.")
         if not 0 <= self.trim_fraction < 0.5:

@@ -29,6 +29,7 @@ from fed_trainer.checkpoint import (
     write_checkpoint,
 )
 from fed_trainer.client import TRAINER_LOGGER, ClientRunner, each_message_once, local_steps_for
+from fed_trainer.client_eval import held_out_sets, per_client_metrics
 from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
@@ -66,6 +67,9 @@ class FederatedTrainer(Trainer):
         client_callbacks: `TrainerCallback`s for local training: added to the client trainer, they see each
             client's local steps (`on_step_end`, `on_log`, ...) as in a plain `Trainer` run. `callbacks` hear the
             rounds and the federated events.
+        client_eval_datasets: each client's own held-out data (a list in client order or a dict by client id, one
+            per client), on which every evaluated round also evaluates the global model (`fed_trainer.client_eval`;
+            or hold out a share of each client's data with `args.client_eval_split`).
 
     `train()` runs `args.num_rounds` rounds. In each, `args.clients_per_round` clients (all by default) are
     sampled; each starts from the global model, trains `args.local_steps` steps with `args.optim` and a fresh
@@ -96,6 +100,7 @@ class FederatedTrainer(Trainer):
         client_peft_configs: Mapping[object, LoraConfig] | Sequence[int] | None = None,
         client_trainer_cls: type[Trainer] = Trainer,
         client_callbacks: Sequence[TrainerCallback] | None = None,
+        client_eval_datasets: Sequence[Dataset] | Mapping[object, Dataset] | None = None,
     ) -> None:
         if args is None:
             args = FederatedConfig(output_dir="fed_trainer_output")
@@ -113,15 +118,22 @@ class FederatedTrainer(Trainer):
                 "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
                 "optimizer instances: pass optimizer_cls_and_kwargs=(OptimizerClass, kwargs) instead."
             )
-        if eval_dataset is None and args.eval_strategy != "no":
-            schedule = (f"eval_every_rounds={args.eval_every_rounds}" if args.eval_every_rounds is not None
-                        else f"eval_strategy={args.eval_strategy.value!r}")  # fmt: skip
-            raise ValueError(
-                f"{schedule} evaluates the global model after rounds, but no eval_dataset was given: pass "
-                "eval_dataset=..., or leave eval_strategy='no' and eval_every_rounds unset."
-            )
         self.strategy = strategy if strategy is not None else get_strategy(args.strategy, **args.strategy_kwargs)
         self.client_datasets = client_datasets_from(args, client_datasets, train_dataset)
+        self.client_datasets, self.client_eval_datasets = held_out_sets(
+            args, self.client_datasets, client_eval_datasets
+        )
+        evaluation = args.eval_strategy
+        if eval_dataset is None and evaluation != "no":
+            if not self.client_eval_datasets:
+                schedule = (f"eval_every_rounds={args.eval_every_rounds}" if args.eval_every_rounds is not None
+                            else f"eval_strategy={evaluation.value!r}")  # fmt: skip
+                raise ValueError(
+                    f"{schedule} evaluates the global model after rounds, but no eval_dataset was given: pass "
+                    "eval_dataset=... (or client_eval_datasets / client_eval_split), or leave eval_strategy='no' "
+                    "and eval_every_rounds unset."
+                )
+            args.eval_strategy = "no"  # Trainer would ask for an eval_dataset; the clients' held-out sets serve
         self._peft_configs = (peft_config, client_peft_configs)
         model = self._federated_model(model, args)
         super().__init__(
@@ -137,6 +149,7 @@ class FederatedTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        args.eval_strategy = evaluation
         if args.world_size > 1:
             drain_gloo_workers_at_exit()
         if self.pop_callback(ProgressCallback) is not None:
@@ -245,8 +258,15 @@ class FederatedTrainer(Trainer):
         logs.update(total_bytes_up=progress["total_bytes_up"], total_bytes_down=progress["total_bytes_down"])
         new_best = False
         if evaluation_due(args, round_number, steps_per_round):
-            with self._logging_into(logs):
-                self.evaluate(ignore_keys=ignore_keys_for_eval)
+            if self.client_eval_datasets:
+                logs.update(per_client_metrics(self, self.client_eval_datasets, ignore_keys_for_eval))
+            if self.eval_dataset is not None:
+                with self._logging_into(logs):
+                    self.evaluate(ignore_keys=ignore_keys_for_eval)
+            else:  # no evaluate(): the callbacks (EarlyStoppingCallback, ...) hear the clients' metrics
+                self.control = self.callback_handler.on_evaluate(
+                    args, self.state, self.control, metrics=eval_scores(logs)
+                )
             new_best = is_new_best(args, self.state, logs)
             self._report_to_hp_search(trial, self.state.global_step, eval_scores(logs))  # may prune the trial
         self.log(logs)

@@ -1,0 +1,72 @@
+"""Evaluating the global model on every client's own held-out data: how it serves each client, not only the
+population a central eval set stands for.
+
+Each evaluated round logs, for every metric m of the evaluation (`loss`, and what `compute_metrics` returns),
+`eval_client_<id>_<m>` per client and over the clients `eval_clients_mean_<m>` (weighted by the clients' held-out
+sizes), `eval_clients_worst_<m>` (the highest loss-like value, the lowest other value: Trainer's rule for
+`greater_is_better`) and `eval_clients_std_<m>` (the weighted standard deviation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from datasets import Dataset
+
+from fed_trainer.schedule import EVAL_TIMINGS
+
+if TYPE_CHECKING:
+    from fed_trainer.config import FederatedConfig
+    from fed_trainer.trainer import FederatedTrainer
+
+
+def held_out_sets(
+    args: FederatedConfig, clients: dict[object, Dataset], given: Sequence[Dataset] | Mapping[object, Dataset] | None
+) -> tuple[dict[object, Dataset], dict[object, Dataset]]:
+    """(the clients' training sets, their held-out sets): `given` (a list in client order or a dict by client id,
+    one per client), or a `client_eval_split` share of each client's data held out by a seeded split, or none."""
+    split = args.client_eval_split
+    if given is not None and split is not None:
+        raise ValueError("Pass client_eval_datasets or set client_eval_split, not both.")
+    if given is None and split is None:
+        return clients, {}
+    if not all(isinstance(ds, Dataset) for ds in clients.values()):
+        raise ValueError(
+            "Per-client evaluation needs every client's data in this process; on Flower SuperNodes it is not "
+            "supported yet: evaluate the global model with eval_dataset."
+        )
+    if given is not None:
+        held_out = dict(given) if isinstance(given, Mapping) else dict(enumerate(given))
+        if held_out.keys() != clients.keys():
+            raise ValueError(
+                f"client_eval_datasets must have one dataset per client: clients {sorted(map(str, clients))}, "
+                f"eval sets for {sorted(map(str, held_out))}."
+            )
+        return clients, held_out
+    parts = {cid: ds.train_test_split(test_size=split, seed=args.seed) for cid, ds in clients.items()}
+    return {cid: p["train"] for cid, p in parts.items()}, {cid: p["test"] for cid, p in parts.items()}
+
+
+def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
+    """The global model's metrics on every client's held-out set, and their mean, worst and spread (see the module
+    docstring). Every process takes part (the evaluation of each set is spread over the processes, as `evaluate`
+    spreads an eval set)."""
+    scores = {}
+    for cid, dataset in held_out.items():
+        output = trainer.evaluation_loop(
+            trainer.get_eval_dataloader(dataset), description=f"client {cid}", ignore_keys=ignore_keys,
+            metric_key_prefix="eval",
+        )  # fmt: skip
+        scores[cid] = {k[len("eval_") :]: float(v) for k, v in output.metrics.items() if k not in EVAL_TIMINGS}
+    sizes = np.array([len(held_out[cid]) for cid in scores], dtype=float)
+    weights = sizes / sizes.sum()
+    logs = {f"eval_client_{cid}_{name}": value for cid, values in scores.items() for name, value in values.items()}
+    for name in next(iter(scores.values())):
+        values = np.array([scores[cid][name] for cid in scores])
+        mean = float(weights @ values)
+        logs[f"eval_clients_mean_{name}"] = mean
+        logs[f"eval_clients_worst_{name}"] = float(values.max() if name.endswith("loss") else values.min())
+        logs[f"eval_clients_std_{name}"] = float(np.sqrt(weights @ (values - mean) ** 2))
+    return logs
