@@ -33,6 +33,7 @@ from fed_trainer.client_eval import held_out_sets, per_client_metrics
 from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
+from fed_trainer.hp_search import report_round, start_trial
 from fed_trainer.hub import push_round, round_checkpoints_left_out
 from fed_trainer.model_card import card_log_history, card_tags, federated_section
 from fed_trainer.quantized import quantization_of
@@ -43,8 +44,6 @@ from fed_trainer.strategies.capabilities import check_capabilities
 from fed_trainer.zero import reload_partitions, share_engine, whole_copy
 
 logger = logging.get_logger(__name__)
-
-DATA_FIELDS = ("num_clients", "partition", "partition_alpha", "partition_label_column", "seed")  # fixed by a search
 
 
 class FederatedTrainer(Trainer):
@@ -135,7 +134,7 @@ class FederatedTrainer(Trainer):
                 )
             args.eval_strategy = "no"  # Trainer would ask for an eval_dataset; the clients' held-out sets serve
         self._peft_configs = (peft_config, client_peft_configs)
-        model = self._federated_model(model, args)
+        model = self.federated_model(model, args)
         super().__init__(
             model=model,
             args=args,
@@ -162,7 +161,7 @@ class FederatedTrainer(Trainer):
         self.client_executor: ClientExecutor = InProcessClients()
         share_engine(self)
 
-    def _federated_model(self, model: nn.Module, args: FederatedConfig) -> nn.Module:
+    def federated_model(self, model: nn.Module, args: FederatedConfig) -> nn.Module:
         """`model` as `self.strategy` trains it (a PEFT model for a LoRA strategy), after checking that the
         strategy supports the run's set-up."""
         if isinstance(model, PeftModel) and not self.strategy.capabilities.lora:
@@ -173,25 +172,6 @@ class FederatedTrainer(Trainer):
         peft_configs = client_lora_configs(list(self.client_datasets), *self._peft_configs)
         check_capabilities(self.strategy, args, peft_configs, quantization_of(model))
         return self.strategy.setup(model, args, peft_configs)
-
-    def _start_trial(self, trial) -> None:
-        """Begin a hyperparameter-search trial: Trainer applies its arguments, then a fresh global model from
-        `model_init`, a fresh strategy and a fresh client trainer. The clients' datasets stay those of the search."""
-        if self.is_deepspeed_enabled:
-            raise ValueError("hyperparameter_search is not supported under DeepSpeed: run one trial per launch.")
-        data_fields = {name: getattr(self.args, name) for name in DATA_FIELDS}
-        self._hp_search_setup(trial)
-        changed = [name for name, value in data_fields.items() if getattr(self.args, name) != value]
-        if changed:
-            raise ValueError(
-                f"A hyperparameter trial may not change {changed}: the clients' datasets are made once, when the "
-                "trainer is built. Search training fields (learning_rate, num_rounds, local_steps, "
-                "server_learning_rate, ...) instead."
-            )
-        self.strategy = get_strategy(self.args.strategy, **self.args.strategy_kwargs)
-        self.model = self.model_wrapped = self._federated_model(self.call_model_init(trial), self.args)
-        self._move_model_to_device(self.model, self.args.device)
-        self.client_runner = ClientRunner(self)
 
     def client_trainer_kwargs(self) -> dict:
         """Arguments of the client trainer beyond its model, args, processing class and optimizer class (see
@@ -208,7 +188,7 @@ class FederatedTrainer(Trainer):
         the run continues after that round and ends as an uninterrupted run with the same seed would.
         """
         if trial is not None and self.model_init is not None:
-            self._start_trial(trial)
+            start_trial(self, trial)
         args = self.args
         self.is_in_train = True
         steps_per_round = max(local_steps_for(args, len(ds)) for ds in self.client_datasets.values())
@@ -268,7 +248,7 @@ class FederatedTrainer(Trainer):
                     args, self.state, self.control, metrics=eval_scores(logs)
                 )
             new_best = is_new_best(args, self.state, logs)
-            self._report_to_hp_search(trial, self.state.global_step, eval_scores(logs))  # may prune the trial
+            report_round(self, trial, logs)  # may prune the trial
         self.log(logs)
         if save_due(args, round_number, steps_per_round) or (new_best and keeps_best(args)):
             self.save_round_checkpoint()
