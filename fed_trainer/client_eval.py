@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from datasets import Dataset
 
-from fed_trainer.schedule import EVAL_TIMINGS
+from fed_trainer.schedule import eval_scores
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -59,7 +59,7 @@ def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset
             trainer.get_eval_dataloader(dataset), description=f"client {cid}", ignore_keys=ignore_keys,
             metric_key_prefix="eval",
         )  # fmt: skip
-        scores[cid] = {k[len("eval_") :]: float(v) for k, v in output.metrics.items() if k not in EVAL_TIMINGS}
+        scores[cid] = {k[len("eval_") :]: float(v) for k, v in eval_scores(output.metrics).items()}
     sizes = np.array([len(held_out[cid]) for cid in scores], dtype=float)
     weights = sizes / sizes.sum()
     logs = {f"eval_client_{cid}_{name}": value for cid, values in scores.items() for name, value in values.items()}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fed_trainer.privacy import privacy_spent
 from fed_trainer.quantized import merged_dtype, quantization_of
-from fed_trainer.schedule import EVAL_TIMINGS
+from fed_trainer.schedule import eval_scores
 
 if TYPE_CHECKING:
     from fed_trainer.trainer import FederatedTrainer
@@ -51,7 +51,7 @@ def card_log_history(log_history: list[dict]) -> list[dict]:
             continue
         at = {"epoch": entry.get("epoch", float(entry["round"])), "step": entry.get("step")}
         view.append({"loss": entry["loss"], "learning_rate": entry["learning_rate"], **at})
-        metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and k not in EVAL_TIMINGS}
+        metrics = eval_scores(entry)
         if metrics:
             view.append({**metrics, **at})
     return view
@@ -60,8 +60,9 @@ def card_log_history(log_history: list[dict]) -> list[dict]:
 def _cell(value) -> str:
     if value is None:
         return ""
-    return f"{value:.4g}" if isinstance(value, float) and abs(value) < 1e-3 else (
-        f"{value:.4f}" if isinstance(value, float) else str(value))  # fmt: skip
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4g}" if abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def rounds_table(rounds: list[dict]) -> str:
@@ -71,7 +72,7 @@ def rounds_table(rounds: list[dict]) -> str:
         return ""
     seen = {k for entry in rounds for k in entry}
     columns = [k for k in ROUND_COLUMNS if k in seen]
-    columns += sorted(k for k in seen if k.startswith("eval_") and k not in EVAL_TIMINGS)
+    columns += sorted({k for entry in rounds for k in eval_scores(entry)})
     lines = ["| " + " | ".join(ROUND_COLUMNS.get(k, k) for k in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(entry.get(k)) for k in columns) + " |" for entry in rounds]
     return "\nRounds:\n\n" + "\n".join(lines) + "\n"
@@ -80,14 +81,14 @@ def rounds_table(rounds: list[dict]) -> str:
 def reported_metrics(trainer: FederatedTrainer, rounds: list[dict]) -> str:
     """The eval metrics of the saved model: the best round's with `load_best_model_at_end`, else the last
     evaluated round's."""
-    evaluated = [e for e in rounds if any(k.startswith("eval_") for k in e)]
+    evaluated = [e for e in rounds if eval_scores(e)]
     best = trainer.state.best_global_step if trainer.args.load_best_model_at_end else None
     chosen = next((e for e in evaluated if e.get("step") == best), evaluated[-1] if evaluated else None)
     if chosen is None:
         return "The global model was not evaluated during training.\n"
     which = "best" if chosen.get("step") == best else "last evaluated"
     lines = [f"Metrics of the global model after round {chosen['round']} (the {which} round):", ""]
-    lines += [f"- {k}: {_cell(v)}" for k, v in chosen.items() if k.startswith("eval_") and k not in EVAL_TIMINGS]
+    lines += [f"- {k}: {_cell(v)}" for k, v in eval_scores(chosen).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -111,7 +110,8 @@ class FederatedTrainer(Trainer):
         if model_init is not None:  # the initial global model, and a fresh one for every hyperparameter trial
             if model is not None:
                 raise ValueError("Pass model or model_init, not both: model_init builds the initial global model.")
-            model = model_init(None) if inspect.signature(model_init).parameters else model_init()
+            self.model_init = model_init
+            model = self.call_model_init()  # Trainer's call, with trial None
         if any(o is not None for o in optimizers):
             raise ValueError(
                 "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
