@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from fed_trainer.server_optimizer import (
     SERVER_OPTIMIZERS,
 )
 from fed_trainer.strategies.registry import get_strategy
-
-logger = logging.getLogger(__name__)
 
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")
