@@ -12,42 +12,32 @@ For each, on tiny BERT (3 clients, 2 rounds):
   an exact strategy's global model moves by eta m_t, m_t = beta m_{t-1} + sum_k p_k W_k - W_t, and resuming from
   round 1 ends where the uninterrupted run ends; a strategy that declares no server optimizer refuses one.
   (tests/test_server_optimizer.py checks every rule's formula, and the step on FedIT's factors.)
-Client-parallel ranks against one process are in tests/test_distributed.py (subprocesses; several strategies).
+- two client-parallel ranks (one `torchrun` for every strategy, tests/contract_ranks.py) end with the global model of
+  one process, round by round the same clients, losses and bytes, with the options that stress each part of the
+  cross-rank merge (tests/contract_setup.py: clients moving between ranks, a robust rule, a server optimizer, a client
+  failing on one rank).
 """
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import user_strategy  # noqa: F401  (registers damped_fedavg)
-from conftest import tiny_bert, toy_dataset
-from peft import LoraConfig
+import user_strategy
+from conftest import fed_config
+from contract_setup import STRATEGIES, TWO_RANK_OPTIONS, TWO_RANKS, build
+from federated_run import FailClient
 from recording import Record, aggregation_gaps
+from transformers import default_data_collator
 
 from fed_trainer import FederatedTrainer
 from fed_trainer.flower.remote import tensor_record
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.base import tensor_bytes
-from fed_trainer.strategies.capabilities import registered
 from fed_trainer.strategies.registry import strategy_class
-
-STRATEGIES = [*registered(built_in=True), "damped_fedavg"]
-GALORE = dict(optim="galore_adamw", optim_target_modules=["attention", "intermediate", "output.dense"],
-              optim_args="rank=4,update_proj_gap=2,scale=0.25")  # fmt: skip
-CLIENTS = [toy_dataset(n, seed) for seed, n in enumerate([8, 16, 24], start=1)]
-
-
-def build(make_config, strategy: str, callbacks=(), **config) -> FederatedTrainer:
-    caps = strategy_class(strategy).capabilities
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return FederatedTrainer(
-        model=tiny_bert(dropout=0.0),
-        args=make_config(strategy=strategy, learning_rate=2e-2 if caps.lora else 1e-3,
-                         **(GALORE if caps.local_optimizer else {}), **config),
-        client_datasets=CLIENTS, callbacks=list(callbacks),
-        peft_config=lora if caps.lora else None,
-        client_peft_configs=[2, 4, 4] if caps.heterogeneous_ranks else None,
-    )  # fmt: skip
 
 
 def traffic(trainer: FederatedTrainer) -> dict:
@@ -75,8 +65,6 @@ STEPPED = [name for name in STRATEGIES if strategy_class(name).capabilities.serv
 @pytest.fixture(scope="module")
 def stepped_run(tmp_path_factory):
     """`stepped_run(strategy)`: one 2-round run of the strategy with FedAvgM on the server (run once per module)."""
-    from conftest import fed_config
-
     runs = {}
 
     def run(name):
@@ -95,8 +83,6 @@ def stepped_run(tmp_path_factory):
 @pytest.fixture(scope="module", params=STRATEGIES)
 def contract_run(request, tmp_path_factory):
     """One 2-round run per strategy with everything the checks read, and its round-1 message and payload."""
-    from conftest import fed_config
-
     tmp = tmp_path_factory.mktemp(request.param)
     make_config = lambda **overrides: fed_config(tmp, **overrides)  # noqa: E731
     record = Record()
@@ -200,6 +186,49 @@ def test_a_client_on_its_own_machine_sends_what_the_in_process_client_sent(contr
     assert payload.keys() == first["payload"].keys()
     for key, value in first["payload"].items():
         torch.testing.assert_close(payload[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every strategy of the matrix trained on two client-parallel ranks (one launch): the folder of the results."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    # one thread per process; no torchrun variables of an outer launch
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).with_name("contract_ranks.py")), str(root)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_two_client_parallel_ranks_end_with_the_global_model_of_one_process(two_ranks, tmp_path, name):
+    failing = FailClient("2:1", default_data_collator) if name == "fedavg" else None  # as tests/contract_ranks.py
+    one = build(lambda **overrides: fed_config(tmp_path, **{**TWO_RANKS, **overrides}), name,
+                callbacks=[failing] if failing else [], dropout=0.1, data_collator=failing,
+                **TWO_RANK_OPTIONS.get(name, {}))  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: SCAFFOLD's control (x - y_k) / (K lr) magnifies the rounding of sums
+    try:
+        one.train()
+    finally:
+        torch.set_num_threads(threads)
+    expected = one.model.state_dict()
+    ranks = [torch.load(two_ranks / name / f"final-rank{r}.pt") for r in (0, 1)]
+    for key, value in expected.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        assert torch.equal(ranks[1][key], ranks[0][key]), f"ranks disagree on {key}"
+    rounds = [e for e in one.state.log_history if "round" in e]
+    two = json.loads((two_ranks / name / "rounds.json").read_text())
+    assert len(two) == len(rounds) == one.args.num_rounds
+    for a, b in zip(rounds, two, strict=True):
+        assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a.get("num_clients_dropped") == b.get("num_clients_dropped")
+    if failing:
+        assert [entry.get("num_clients_dropped") for entry in two] == [None, 1, None]
+    # checkpoints written by the main process alone (two writers would race on the round-N.partial folders)
+    assert sorted(p.name for p in (two_ranks / name / "out").glob("round-*")) == ["round-2", "round-3"]
 
 
 def test_the_user_strategy_takes_its_option_from_the_config(make_config):

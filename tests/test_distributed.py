@@ -1,68 +1,18 @@
-"""Client-parallel rounds: two real processes (torchrun, gloo on CPU) against one, the same seed and clients."""
+"""Client-parallel rounds: how clients are shared over ranks and outcomes merged (gloo on CPU), and the DDP recipe.
 
-import json
+Two ranks against one process, for every strategy, are in the contract matrix (tests/test_contract.py)."""
+
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fed_trainer.distributed import all_reduce_sums, merged, share_of
-
-WORKER = Path(__file__).with_name("federated_run.py")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def run(launcher, output_dir, *flags):
-    # one thread per process, and no torchrun variables leaking into the one-process run
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [*launcher, str(WORKER), "--output_dir", str(output_dir), "--rounds", "2", *flags]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-
-
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--strategy", "flexlora", "--ranks", "2,4,8"],  # mixed ranks: stacked factors gathered in client order
-        # a second running sum (the products) reduced over ranks; the same server step on every rank
-        ["--strategy", "fedex_lora", "--server_optimizer", "fedadam"],
-        ["--strategy", "fedit", "--aggregation_rule", "median"],  # every payload gathered on every rank
-        # 2 of 3 clients a round, so a client moves between ranks: what each client has folded is shared
-        ["--strategy", "flora", "--ranks", "2,4,8", "--clients_per_round", "2", "--rounds", "4"],
-        # the clients' gradient sketches summed over ranks, so every rank picks the same projectors
-        ["--strategy", "galore_shared", "--clients_per_round", "2", "--rounds", "3"],
-        # plain FedAvg in round 1; in round 2 client 1's training raises on the rank that trains it: every rank drops
-        # it, as one process does
-        ["--strategy", "fedavg", "--fail_client", "2:1"],
-    ],
-    ids=lambda flags: "-".join(flags[1::2]),
-)
-def test_two_processes_end_with_the_global_model_of_one(tmp_path, flags):
-    # 3 clients on 2 ranks: rank 0 trains two of them, rank 1 one
-    run([sys.executable], tmp_path / "one", *flags)
-    run(TORCHRUN, tmp_path / "two", *flags)
-    expected = torch.load(tmp_path / "one" / "final.pt")
-    ranks = [torch.load(tmp_path / "two" / f"final-rank{r}.pt") for r in (0, 1)]
-    for name, value in expected.items():
-        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-5, msg=name)
-        assert torch.equal(ranks[1][name], ranks[0][name]), f"ranks disagree on {name}"
-    one, two = (json.loads((tmp_path / d / "rounds.json").read_text()) for d in ("one", "two"))
-    for a, b in zip(one, two, strict=True):
-        assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a.get("num_clients_dropped") == b.get("num_clients_dropped")
-    if "--fail_client" in flags:
-        assert [entry.get("num_clients_dropped") for entry in two] == [None, 1]
-    # checkpoints written by the main process alone (two writers would race on the round-N.partial folders)
-    newest = [f"round-{n}" for n in (len(one) - 1, len(one))]  # save_total_limit=2
-    assert sorted(p.name for p in (tmp_path / "two").glob("round-*")) == newest
 
 
 def test_clients_are_shared_round_robin():

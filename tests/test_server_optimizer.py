@@ -1,7 +1,7 @@
 """Server optimizers: each rule against the formulas written out here, per tensor, in float64, from the global
 model seen at `on_round_begin` and the client models seen at `on_client_end`; over three rounds with example-count
 weights and a client whose update is rejected in round 2. The contract matrix (tests/test_contract.py) checks the
-step on every strategy that takes one, and resume; tests/test_distributed.py two ranks against one process.
+step on every strategy that takes one, resume, and two ranks against one process (FedAdam on fedex_lora).
 """
 
 import math
