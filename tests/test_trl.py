@@ -171,7 +171,7 @@ class SuperNodesInProcess:
         from flwr.app import Context, RecordDict
 
         from fed_trainer.flower import train_reply
-        from fed_trainer.flower.remote import roster
+        from fed_trainer.flower.remote import roster, trained
         from fed_trainer.flower.server_app import train_content
 
         everyone = roster(round.trainer)
@@ -180,7 +180,7 @@ class SuperNodesInProcess:
             node = Context(run_id=1, node_id=client_id, node_config={}, state=RecordDict(), run_config={})
             data = lambda context, cid=client_id: (cid, self.clients[cid])  # noqa: E731
             reply = train_reply(self.build, data, content, node)
-            round.receive(client_id, reply["arrays"].to_torch_state_dict(), float(reply["metrics"]["train-loss"]))
+            round.receive(client_id, *trained(reply))
 
 
 def test_sft_clients_on_supernodes_end_with_the_simulations_global_model(tokenizer, tmp_path):

@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from datasets import Dataset
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, plan_from, tensor_record
+from fed_trainer.flower.remote import (
+    RemoteClient,
+    TrainerBuilder,
+    TrainOrder,
+    introduction,
+    tensor_record,
+    train_result,
+)
 from fed_trainer.round import remote_update
 
 # load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
@@ -25,27 +32,24 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
     chose, and sends the strategy's payload: what a client trained in the simulation would send. What the strategy
     keeps between rounds (FLoRA: the folded base weights) stays in the node's `context.state`.
     """
-    config = content["config"]
+    order = TrainOrder.read(content["config"])
     client_id, dataset = load_client_data(context)
-    if client_id != config["client-id"]:
+    if client_id != order.client_id:
         raise ValueError(
-            f"the server sent client {config['client-id']!r}'s round to this SuperNode, which holds client "
+            f"the server sent client {order.client_id!r}'s round to this SuperNode, which holds client "
             f"{client_id!r}: give every SuperNode its own partition-id."
         )
-    sizes = dict(zip(config["client-ids"], config["client-sizes"], strict=True))
-    clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in sizes.items()}
+    clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in order.sizes.items()}
     trainer = build_trainer(context, clients)
     prepared = len(trainer.client_datasets[client_id])  # as the server counts it (TRL's trainers prepare the data)
-    if prepared != sizes[client_id]:
-        raise ValueError(f"client {client_id!r} now has {prepared} examples, not the {sizes[client_id]} it had.")
-    plan = plan_from(config)
+    if prepared != order.sizes[client_id]:
+        raise ValueError(f"client {client_id!r} now has {prepared} examples, not the {order.sizes[client_id]} it had.")
     kept = context.state[KEPT].to_torch_state_dict() if KEPT in context.state else {}
     message = content["arrays"].to_torch_state_dict()
-    payload, output, kept = remote_update(trainer, config["round"], client_id, message, plan, kept)
+    payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, kept)
     if kept:  # kept by the SuperNode for this node's next round of the run (lost if the SuperNode restarts)
         context.state[KEPT] = tensor_record(kept)
-    metrics = MetricRecord({"train-loss": float(output.training_loss), "num-examples": prepared})
-    return RecordDict({"arrays": tensor_record(payload), "metrics": metrics})
+    return train_result(payload, output.training_loss, prepared)
 
 
 def client_app(build_trainer: TrainerBuilder, load_client_data: DataLoader) -> ClientApp:
@@ -56,8 +60,7 @@ def client_app(build_trainer: TrainerBuilder, load_client_data: DataLoader) -> C
     @app.query()
     def query(message: Message, context: Context) -> Message:
         client_id, dataset = load_client_data(context)
-        client = ConfigRecord({"client-id": client_id, "num-examples": len(dataset)})
-        return Message(content=RecordDict({"client": client}), reply_to=message)
+        return Message(content=introduction(client_id, len(dataset)), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fed_trainer.round import ClientPlan
 from fed_trainer.trainer import FederatedTrainer
@@ -38,17 +38,53 @@ def tensor_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 PLAN_PREFIX = "plan-"
 
 
-def plan_entries(plan: ClientPlan) -> dict:
-    """A client's `ClientPlan` as `ConfigRecord` entries (`plan-<field>`); `plan_from` reads them back."""
-    return {PLAN_PREFIX + name: value for name, value in dataclasses.asdict(plan).items()}
+@dataclasses.dataclass(frozen=True)
+class TrainOrder:
+    """What a train message tells a SuperNode beside the tensors: the round, the client to train, its `ClientPlan`,
+    and the run's roster (every client id and its number of examples). `record()` writes it as a `ConfigRecord`,
+    `read(config)` reads it back: the one place its entries are named."""
 
+    round: int
+    client_id: object
+    plan: ClientPlan
+    sizes: dict
 
-def plan_from(config: Mapping) -> ClientPlan:
-    """The `ClientPlan` in a config record written with `plan_entries`."""
-    return ClientPlan(**{field.name: config[PLAN_PREFIX + field.name] for field in dataclasses.fields(ClientPlan)})
+    def record(self) -> ConfigRecord:
+        plan = {PLAN_PREFIX + name: value for name, value in dataclasses.asdict(self.plan).items()}
+        ids = list(self.sizes)
+        roster = {"client-ids": ids, "client-sizes": [self.sizes[cid] for cid in ids]}
+        return ConfigRecord({"round": self.round, "client-id": self.client_id, **plan, **roster})
+
+    @classmethod
+    def read(cls, config: Mapping) -> TrainOrder:
+        plan = ClientPlan(**{f.name: config[PLAN_PREFIX + f.name] for f in dataclasses.fields(ClientPlan)})
+        sizes = dict(zip(config["client-ids"], config["client-sizes"], strict=True))
+        return cls(config["round"], config["client-id"], plan, sizes)
 
 
 def roster(trainer: FederatedTrainer) -> dict:
-    """Every client id of the run and its number of examples, as `ConfigRecord` values."""
-    ids = list(trainer.client_datasets)
-    return {"client-ids": ids, "client-sizes": [len(trainer.client_datasets[cid]) for cid in ids]}
+    """Every client id of the run and its number of examples."""
+    return {cid: len(dataset) for cid, dataset in trainer.client_datasets.items()}
+
+
+def introduction(client_id, num_examples: int) -> RecordDict:
+    """A SuperNode's answer to the server's roster query: its client's id and size (`introduced` reads it)."""
+    return RecordDict({"client": ConfigRecord({"client-id": client_id, "num-examples": int(num_examples)})})
+
+
+def introduced(content: RecordDict) -> tuple[object, int]:
+    """The client id and size in a reply written by `introduction`."""
+    client = content["client"]
+    return client["client-id"], int(client["num-examples"])
+
+
+def train_result(payload: Mapping[str, torch.Tensor], loss: float, num_examples: int) -> RecordDict:
+    """A SuperNode's reply to a train message: the strategy's payload and the client's train loss (`trained` reads
+    it)."""
+    metrics = MetricRecord({"train-loss": float(loss), "num-examples": int(num_examples)})
+    return RecordDict({"arrays": tensor_record(payload), "metrics": metrics})
+
+
+def trained(content: RecordDict) -> tuple[dict, float]:
+    """The payload and train loss in a reply written by `train_result`."""
+    return content["arrays"].to_torch_state_dict(), float(content["metrics"]["train-loss"])

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from transformers.utils import logging
 
 from fed_trainer.cli import train_save_evaluate
-from fed_trainer.flower.remote import RemoteClient, TrainerBuilder, plan_entries, roster, tensor_record
+from fed_trainer.flower.remote import (
+    RemoteClient,
+    TrainerBuilder,
+    TrainOrder,
+    introduced,
+    roster,
+    tensor_record,
+    trained,
+)
 from fed_trainer.round import Round
 
 logger = logging.get_logger(__name__)
@@ -39,14 +47,13 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict:
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise RuntimeError(f"SuperNode {node} could not name its client: {reply.error.reason}")
-        client = reply.content["client"]
-        client_id = client["client-id"]
+        client_id, size = introduced(reply.content)
         if client_id in clients:
             raise ValueError(
                 f"SuperNodes {clients[client_id][0]} and {node} both hold client {client_id!r}: give every "
                 "SuperNode its own partition-id in --node-config."
             )
-        clients[client_id] = (node, int(client["num-examples"]))
+        clients[client_id] = (node, size)
     if len(clients) < expected:
         raise TimeoutError(f"only {len(clients)} of {len(nodes)} SuperNodes answered within {timeout:.0f} s.")
     return dict(sorted(clients.items()))
@@ -76,18 +83,15 @@ class GridClients:
             if reply is None or reply.has_error():
                 round.drop(client_id, f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason)
                 continue
-            payload = reply.content["arrays"].to_torch_state_dict()
-            round.receive(client_id, payload, float(reply.content["metrics"]["train-loss"]))
+            round.receive(client_id, *trained(reply.content))
 
 
 def train_content(round: Round, position: int, everyone: dict) -> RecordDict:
-    """What the server sends the client at `position` of `round`: its message's tensors and the round's plan for
-    it, with the roster of the run (`everyone`, see `roster`)."""
+    """What the server sends the client at `position` of `round`: its message's tensors and its `TrainOrder` (the
+    round's plan for it, with the roster of the run, `everyone`)."""
     client_id = round.client_ids[position]
-    config = ConfigRecord(
-        {"round": round.number, "client-id": client_id, **plan_entries(round.plan(position)), **everyone}
-    )
-    return RecordDict({"arrays": tensor_record(round.message(client_id)), "config": config})
+    order = TrainOrder(round.number, client_id, round.plan(position), everyone)
+    return RecordDict({"arrays": tensor_record(round.message(client_id)), "config": order.record()})
 
 
 def server_app(build_trainer: TrainerBuilder) -> ServerApp:
