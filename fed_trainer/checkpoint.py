@@ -5,6 +5,9 @@
 frozen layers of a quantized base), the
 strategy's own state, the run's progress and log history, and the RNG states. A checkpoint is written into
 `round-N.partial` and renamed into place, so a crash while writing leaves the previous checkpoints intact.
+
+`save_round`, `resume` and `load_best_round` are `FederatedTrainer`'s steps; they write the merged model with the
+trainer's `_save` (its override of `Trainer._save`, which takes a gathered state dict under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ import numpy as np
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import logging
 
 from fed_trainer.quantized import quantized_weight_keys
+from fed_trainer.zero import reload_partitions
 
 if TYPE_CHECKING:
     from transformers import TrainerState
 
     from fed_trainer.strategies import Strategy
+    from fed_trainer.trainer import FederatedTrainer
+
+logger = logging.get_logger(__name__)
 
 PREFIX = "round-"
 STATE_FILE = "federated_state.pt"
@@ -149,3 +158,56 @@ def load_round_checkpoint(path: Path, model: nn.Module, strategy: Strategy) -> d
         raise ValueError(f"{path} holds a model of other shapes than this one: {err}") from err
     restore_rng_states(checkpoint["rng"])
     return checkpoint
+
+
+def save_round(trainer: FederatedTrainer) -> Path:
+    """Write `output_dir/round-N` for the trainer's last finished round N: the merged global model (a plain
+    transformers model), `federated_state.pt` to resume from and `trainer_state.json`; its path. Every rank calls
+    it (under ZeRO-3 the weights are gathered); the main process writes, the others wait until it is complete."""
+    args, state, progress = trainer.args, trainer.state, trainer.round_progress
+    directory = Path(args.output_dir) / f"{PREFIX}{progress['round']}"
+    if state.best_global_step == state.global_step:  # this round holds the best metric so far
+        state.best_model_checkpoint = str(directory)
+    model_state = trainer.global_state_dict()
+    strategy, strategy_state = trainer.strategy, trainer.strategy.state_dict()
+    if args.should_save:
+
+        def write(staging: Path) -> None:
+            # without ZeRO-3 the live model saves itself (save_pretrained edits a state dict it is given)
+            trainer._save(str(staging), state_dict=model_state if strategy.sharded else None)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            torch.save(
+                federated_state(model, strategy, model_state, strategy_state, progress, state), staging / STATE_FILE
+            )
+            state.save_to_json(str(staging / TRAINER_STATE_NAME))
+
+        write_checkpoint(directory, write, keep=args.save_total_limit, best=state.best_model_checkpoint)
+    trainer.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
+    return directory
+
+
+def load_round(trainer: FederatedTrainer, path: Path) -> dict:
+    """Load the round checkpoint in `path` into the trainer's live model and strategy (and restore the RNGs)."""
+    checkpoint = load_round_checkpoint(path, trainer.accelerator.unwrap_model(trainer.model), trainer.strategy)
+    reload_partitions(trainer.client_runner.engine)
+    return checkpoint
+
+
+def resume(trainer: FederatedTrainer, path: Path) -> None:
+    """Continue from the round checkpoint in `path`: the live model, the strategy, the RNGs, the progress and the
+    best metric so far."""
+    checkpoint = load_round(trainer, path)
+    trainer.state.log_history = checkpoint["log_history"]
+    for name, value in checkpoint.get("best", {}).items():  # absent from older checkpoints
+        setattr(trainer.state, name, value)
+    trainer.round_progress = checkpoint["progress"]
+    logger.info(f"Resuming from {path}: {checkpoint['progress']['round']} of {trainer.args.num_rounds} rounds done.")
+
+
+def load_best_round(trainer: FederatedTrainer) -> None:
+    """Make the best evaluated round's global model (`state.best_model_checkpoint`) the live one, with its strategy
+    state: what `save_model`, `evaluate` and `push_to_hub` see after `load_best_model_at_end`."""
+    path, state = trainer.state.best_model_checkpoint, trainer.state
+    logger.info(f"Loading the global model of the best round from {path} ({trainer.args.metric_for_best_model} = "
+                f"{state.best_metric}).")  # fmt: skip
+    load_round(trainer, Path(path))

@@ -49,6 +49,24 @@ def held_out_sets(
     return {cid: p["train"] for cid, p in parts.items()}, {cid: p["test"] for cid, p in parts.items()}
 
 
+def eval_strategy_for_trainer(args: FederatedConfig, eval_dataset, held_out: dict[object, Dataset]) -> str:
+    """The `eval_strategy` for `Trainer.__init__` to see: "no" when only the clients' held-out sets are evaluated
+    (Trainer would ask for an eval_dataset), else the run's own. Refuses an evaluation schedule with nothing to
+    evaluate."""
+    evaluation = args.eval_strategy
+    if eval_dataset is not None or evaluation == "no":
+        return evaluation
+    if not held_out:
+        schedule = (f"eval_every_rounds={args.eval_every_rounds}" if args.eval_every_rounds is not None
+                    else f"eval_strategy={evaluation.value!r}")  # fmt: skip
+        raise ValueError(
+            f"{schedule} evaluates the global model after rounds, but no eval_dataset was given: pass "
+            "eval_dataset=... (or client_eval_datasets / client_eval_split), or leave eval_strategy='no' and "
+            "eval_every_rounds unset."
+        )
+    return "no"
+
+
 def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
     """The global model's metrics on every client's held-out set, and their mean, worst and spread (see the module
     docstring). Every process takes part (the evaluation of each set is spread over the processes, as `evaluate`

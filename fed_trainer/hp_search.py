@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 DATA_FIELDS = ("num_clients", "partition", "partition_alpha", "partition_label_column", "seed")
 
 
+def initial_model(trainer: FederatedTrainer, model, model_init):
+    """The initial global model: `model`, or what `model_init` builds (Trainer's `call_model_init`, trial None);
+    `model_init` is kept to build a fresh one for every trial."""
+    if model_init is None:
+        return model
+    if model is not None:
+        raise ValueError("Pass model or model_init, not both: model_init builds the initial global model.")
+    trainer.model_init = model_init
+    return trainer.call_model_init()
+
+
 def start_trial(trainer: FederatedTrainer, trial) -> None:
     """Apply `trial`'s arguments, then give `trainer` a fresh global model from `model_init`, a fresh strategy and a
     fresh client trainer."""

@@ -4,6 +4,8 @@ of the global model."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from string import Template
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,8 @@ from fed_trainer.quantized import merged_dtype, quantization_of
 from fed_trainer.schedule import eval_scores
 
 if TYPE_CHECKING:
+    from transformers import TrainerState
+
     from fed_trainer.trainer import FederatedTrainer
 
 SECTION = Template("""
@@ -55,6 +59,24 @@ def card_log_history(log_history: list[dict]) -> list[dict]:
         if metrics:
             view.append({**metrics, **at})
     return view
+
+
+@contextlib.contextmanager
+def rounds_as_card_rows(state: TrainerState):
+    """Within the block, `state.log_history` is `card_log_history`'s view of it (for Trainer's model card)."""
+    history = state.log_history
+    state.log_history = card_log_history(history)
+    try:
+        yield
+    finally:
+        state.log_history = history
+
+
+def append_federated_section(trainer: FederatedTrainer) -> None:
+    """Add the federated section to the model card `Trainer.create_model_card` wrote (main process only)."""
+    if trainer.is_world_process_zero():
+        with open(os.path.join(trainer.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+            f.write(federated_section(trainer))
 
 
 def _cell(value) -> str:

@@ -3,44 +3,33 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainerState
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
 from fed_trainer.callbacks import RoundProgressCallback
-from fed_trainer.checkpoint import PREFIX as CHECKPOINT_PREFIX
-from fed_trainer.checkpoint import (
-    STATE_FILE,
-    federated_state,
-    load_round_checkpoint,
-    resolve_checkpoint,
-    write_checkpoint,
-)
+from fed_trainer.checkpoint import load_best_round, resolve_checkpoint, resume, save_round
 from fed_trainer.client import TRAINER_LOGGER, ClientRunner, each_message_once, local_steps_for
-from fed_trainer.client_eval import held_out_sets, per_client_metrics
+from fed_trainer.client_eval import eval_strategy_for_trainer, held_out_sets, per_client_metrics
 from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
-from fed_trainer.hp_search import report_round, start_trial
+from fed_trainer.hp_search import initial_model, report_round, start_trial
 from fed_trainer.hub import push_round, round_checkpoints_left_out
-from fed_trainer.model_card import card_log_history, card_tags, federated_section
+from fed_trainer.model_card import append_federated_section, card_tags, rounds_as_card_rows
 from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, InProcessClients, Round
 from fed_trainer.schedule import eval_scores, evaluation_due, is_new_best, keeps_best, save_due
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.strategies.capabilities import check_capabilities
-from fed_trainer.zero import reload_partitions, share_engine, whole_copy
+from fed_trainer.zero import share_engine, whole_copy
 
 logger = logging.get_logger(__name__)
 
@@ -107,11 +96,7 @@ class FederatedTrainer(Trainer):
                 f"FederatedTrainer needs a FederatedConfig as args, got {type(args).__name__}: build it with "
                 "FederatedConfig(**training_args.to_dict(), num_clients=..., num_rounds=...)."
             )
-        if model_init is not None:  # the initial global model, and a fresh one for every hyperparameter trial
-            if model is not None:
-                raise ValueError("Pass model or model_init, not both: model_init builds the initial global model.")
-            self.model_init = model_init
-            model = self.call_model_init()  # Trainer's call, with trial None
+        model = initial_model(self, model, model_init)
         if any(o is not None for o in optimizers):
             raise ValueError(
                 "FederatedTrainer builds a fresh optimizer for every client and round, so it cannot take "
@@ -123,16 +108,7 @@ class FederatedTrainer(Trainer):
             args, self.client_datasets, client_eval_datasets
         )
         evaluation = args.eval_strategy
-        if eval_dataset is None and evaluation != "no":
-            if not self.client_eval_datasets:
-                schedule = (f"eval_every_rounds={args.eval_every_rounds}" if args.eval_every_rounds is not None
-                            else f"eval_strategy={evaluation.value!r}")  # fmt: skip
-                raise ValueError(
-                    f"{schedule} evaluates the global model after rounds, but no eval_dataset was given: pass "
-                    "eval_dataset=... (or client_eval_datasets / client_eval_split), or leave eval_strategy='no' "
-                    "and eval_every_rounds unset."
-                )
-            args.eval_strategy = "no"  # Trainer would ask for an eval_dataset; the clients' held-out sets serve
+        args.eval_strategy = eval_strategy_for_trainer(args, eval_dataset, self.client_eval_datasets)
         self._peft_configs = (peft_config, client_peft_configs)
         model = self.federated_model(model, args)
         super().__init__(
@@ -198,14 +174,14 @@ class FederatedTrainer(Trainer):
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
         )
-        self._progress = {"round": 0, "total_bytes_up": 0, "total_bytes_down": 0, "round_losses": []}
+        self.round_progress = {"round": 0, "total_bytes_up": 0, "total_bytes_down": 0, "round_losses": []}
         if resume_from_checkpoint:
-            self._resume(resolve_checkpoint(resume_from_checkpoint, args.output_dir))
-            self.state.global_step = self._progress["round"] * steps_per_round
-        self.state.epoch = float(self._progress["round"])  # rounds done: the epochs of a federated run
+            resume(self, resolve_checkpoint(resume_from_checkpoint, args.output_dir))
+            self.state.global_step = self.round_progress["round"] * steps_per_round
+        self.state.epoch = float(self.round_progress["round"])  # rounds done: the epochs of a federated run
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
-        progress = self._progress
+        progress = self.round_progress
         with each_message_once(TRAINER_LOGGER):  # local training would repeat its log lines for every client
             for round_number in range(progress["round"] + 1, args.num_rounds + 1):
                 logs = Round(self, round_number, steps_per_round).run(self.client_executor)
@@ -213,7 +189,7 @@ class FederatedTrainer(Trainer):
                 if self.control.should_training_stop:
                     break
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
-            self._load_best_round()
+            load_best_round(self)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
         metrics = speed_metrics("train", start_time, num_steps=self.state.global_step)
@@ -229,7 +205,7 @@ class FederatedTrainer(Trainer):
         """After a round: count its bytes and loss, evaluate when due (tracking the best metric), log the round as
         one entry, and write a checkpoint when the schedule or a new best metric asks for one; in a hyperparameter
         search, report the eval metrics to the trial (which may prune it)."""
-        args, progress, round_number = self.args, self._progress, logs["round"]
+        args, progress, round_number = self.args, self.round_progress, logs["round"]
         progress["total_bytes_up"] += logs["bytes_up"]
         progress["total_bytes_down"] += logs["bytes_down"]
         progress["round_losses"].append(logs["loss"])
@@ -254,59 +230,19 @@ class FederatedTrainer(Trainer):
             self.save_round_checkpoint()
 
     def save_round_checkpoint(self) -> str:
-        """Write `output_dir/round-N` for the last finished round N: the merged global model (a plain
-        transformers model) and `federated_state.pt` to resume from. Atomic: written aside, then renamed."""
-        directory = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self._progress['round']}"
-        if self.state.best_global_step == self.state.global_step:  # this round holds the best metric so far
-            self.state.best_model_checkpoint = str(directory)
-        model_state = self._global_state_dict()  # under ZeRO-3 every rank takes part in the gathers
-        strategy_state = self.strategy.state_dict()
-        if self.args.should_save:
-
-            def write(staging: Path) -> None:
-                # without ZeRO-3 the live model saves itself (save_pretrained edits a state dict it is given)
-                self._save(str(staging), state_dict=model_state if self.strategy.sharded else None)
-                model = self.accelerator.unwrap_model(self.model)
-                state = federated_state(model, self.strategy, model_state, strategy_state, self._progress, self.state)
-                torch.save(state, staging / STATE_FILE)
-                self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
-
-            write_checkpoint(directory, write, keep=self.args.save_total_limit, best=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()  # no rank reads or reports the checkpoint before it is complete
-        push_round(self, directory, self._progress["round"])
+        """Write `output_dir/round-N` for the last finished round N (`fed_trainer.checkpoint.save_round`), push it as
+        `hub_strategy` says and fire `on_save`; its path."""
+        directory = save_round(self)
+        push_round(self, directory, self.round_progress["round"])
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return str(directory)
 
-    def _global_state_dict(self) -> dict:
+    def global_state_dict(self) -> dict:
         """The state dict of the live global model; under ZeRO-3 gathered from the ranks' partitions (a collective:
         every rank calls it, the main process gets the weights)."""
         if self.strategy.sharded:
             return self.accelerator.get_state_dict(self.deepspeed)
         return self.accelerator.unwrap_model(self.model).state_dict()
-
-    def _load_round(self, path: Path) -> dict:
-        """Load the round checkpoint in `path` into the live model and the strategy (and restore the RNGs)."""
-        checkpoint = load_round_checkpoint(path, self.accelerator.unwrap_model(self.model), self.strategy)
-        reload_partitions(self.client_runner.engine)
-        return checkpoint
-
-    def _resume(self, path: Path) -> None:
-        """Continue from the round checkpoint in `path`: the live model, the strategy, the RNGs, the progress and
-        the best metric so far."""
-        checkpoint = self._load_round(path)
-        self.state.log_history = checkpoint["log_history"]
-        for name, value in checkpoint.get("best", {}).items():  # absent from older checkpoints
-            setattr(self.state, name, value)
-        self._progress = checkpoint["progress"]
-        logger.info(f"Resuming from {path}: {self._progress['round']} of {self.args.num_rounds} rounds done.")
-
-    def _load_best_round(self) -> None:
-        """Make the best evaluated round's global model (`state.best_model_checkpoint`) the live one, with its
-        strategy state: what `save_model`, `evaluate` and `push_to_hub` see after `load_best_model_at_end`."""
-        path = self.state.best_model_checkpoint
-        logger.info(f"Loading the global model of the best round from {path} ({self.args.metric_for_best_model} = "
-                    f"{self.state.best_metric}).")  # fmt: skip
-        self._load_round(Path(path))
 
     @contextlib.contextmanager
     def _logging_into(self, logs: dict):
@@ -330,7 +266,7 @@ class FederatedTrainer(Trainer):
         copy on the CPU, the others None."""
         if not self.strategy.sharded:
             return self._merged(None)
-        state_dict = self._global_state_dict()
+        state_dict = self.global_state_dict()
         return self._merged(state_dict) if self.is_world_process_zero() else None
 
     def _merged(self, state_dict: dict | None) -> nn.Module:
@@ -348,7 +284,7 @@ class FederatedTrainer(Trainer):
         if not self.strategy.sharded:
             return super().save_model(output_dir, _internal_call)
         # Trainer's ZeRO-3 path gathers only a PeftModel's trainable weights; the merged model needs them all
-        self._save(output_dir if output_dir is not None else self.args.output_dir, self._global_state_dict())
+        self._save(output_dir if output_dir is not None else self.args.output_dir, self.global_state_dict())
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -374,12 +310,6 @@ class FederatedTrainer(Trainer):
         """Trainer's model card, tagged as federated, plus a section stating the federated set-up, the strategy's
         paper and the final metrics (`fed_trainer.model_card`)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        history = self.state.log_history
-        self.state.log_history = card_log_history(history)  # Trainer's results table, a row per evaluated round
-        try:
+        with rounds_as_card_rows(self.state):  # Trainer's results table, a row per evaluated round
             super().create_model_card(tags=[*tags, *card_tags(self)], **kwargs)
-        finally:
-            self.state.log_history = history
-        if self.is_world_process_zero():
-            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
-                f.write(federated_section(self))
+        append_federated_section(self)
