@@ -13,6 +13,7 @@ trainer's `_save` (its override of `Trainer._save`, which takes a gathered state
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import re
@@ -43,6 +44,29 @@ PREFIX = "round-"
 STATE_FILE = "federated_state.pt"
 FORMAT = 1
 BEST_FIELDS = ("best_metric", "best_global_step", "best_model_checkpoint")  # TrainerState's, kept across a resume
+
+
+@dataclasses.dataclass
+class RunProgress:
+    """How far a run has come: the rounds done, the bytes exchanged so far, and every round's mean client loss."""
+
+    round: int = 0
+    total_bytes_up: int = 0
+    total_bytes_down: int = 0
+    round_losses: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, logs: dict) -> None:
+        """Count the finished round whose entry is `logs`, and add the run's totals so far to the entry."""
+        self.round = logs["round"]
+        self.total_bytes_up += logs["bytes_up"]
+        self.total_bytes_down += logs["bytes_down"]
+        self.round_losses.append(logs["loss"])
+        logs.update(total_bytes_up=self.total_bytes_up, total_bytes_down=self.total_bytes_down)
+
+    def summary(self) -> dict:
+        """The run's mean client train loss (over rounds) and its total bytes."""
+        loss = float(np.mean(self.round_losses)) if self.round_losses else float("nan")
+        return {"train_loss": loss, "total_bytes_up": self.total_bytes_up, "total_bytes_down": self.total_bytes_down}
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -117,18 +141,23 @@ def model_class_name(model: nn.Module) -> str:
 
 
 def federated_state(
-    model: nn.Module, strategy: Strategy, model_state: dict, strategy_state: dict, progress: dict, state: TrainerState
+    model: nn.Module,
+    strategy: Strategy,
+    model_state: dict,
+    strategy_state: dict,
+    progress: RunProgress,
+    state: TrainerState,
 ) -> dict:
-    """The contents of `federated_state.pt` after the round `progress["round"]`."""
+    """The contents of `federated_state.pt` after the round `progress.round`."""
     frozen = quantized_weight_keys(model)
     return {
         "format": FORMAT,
-        "round": progress["round"],
+        "round": progress.round,
         "strategy": strategy.name,
         "model_class": model_class_name(model),
         "model": cpu_state({k: v for k, v in model_state.items() if k not in frozen}),
         "strategy_state": strategy_state,
-        "progress": copy.deepcopy(progress),
+        "progress": dataclasses.asdict(progress),
         "log_history": copy.deepcopy(state.log_history),
         "best": {name: getattr(state, name) for name in BEST_FIELDS},
         "rng": rng_states(),
@@ -165,7 +194,7 @@ def save_round(trainer: FederatedTrainer) -> Path:
     transformers model), `federated_state.pt` to resume from and `trainer_state.json`; its path. Every rank calls
     it (under ZeRO-3 the weights are gathered); the main process writes, the others wait until it is complete."""
     args, state, progress = trainer.args, trainer.state, trainer.round_progress
-    directory = Path(args.output_dir) / f"{PREFIX}{progress['round']}"
+    directory = Path(args.output_dir) / f"{PREFIX}{progress.round}"
     if state.best_global_step == state.global_step:  # this round holds the best metric so far
         state.best_model_checkpoint = str(directory)
     model_state = trainer.global_state_dict()
@@ -200,8 +229,8 @@ def resume(trainer: FederatedTrainer, path: Path) -> None:
     trainer.state.log_history = checkpoint["log_history"]
     for name, value in checkpoint.get("best", {}).items():  # absent from older checkpoints
         setattr(trainer.state, name, value)
-    trainer.round_progress = checkpoint["progress"]
-    logger.info(f"Resuming from {path}: {checkpoint['progress']['round']} of {trainer.args.num_rounds} rounds done.")
+    trainer.round_progress = RunProgress(**checkpoint["progress"])
+    logger.info(f"Resuming from {path}: {trainer.round_progress.round} of {trainer.args.num_rounds} rounds done.")
 
 
 def load_best_round(trainer: FederatedTrainer) -> None:

@@ -6,7 +6,6 @@ import contextlib
 import time
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from torch import nn
@@ -15,7 +14,7 @@ from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
 from fed_trainer.callbacks import RoundProgressCallback
-from fed_trainer.checkpoint import load_best_round, resolve_checkpoint, resume, save_round
+from fed_trainer.checkpoint import RunProgress, load_best_round, resolve_checkpoint, resume, save_round
 from fed_trainer.client import TRAINER_LOGGER, ClientRunner, each_message_once, local_steps_for
 from fed_trainer.client_eval import eval_strategy_for_trainer, held_out_sets, per_client_metrics
 from fed_trainer.clients import client_datasets_from, client_lora_configs
@@ -174,16 +173,15 @@ class FederatedTrainer(Trainer):
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
         )
-        self.round_progress = {"round": 0, "total_bytes_up": 0, "total_bytes_down": 0, "round_losses": []}
+        self.round_progress = RunProgress()
         if resume_from_checkpoint:
             resume(self, resolve_checkpoint(resume_from_checkpoint, args.output_dir))
-            self.state.global_step = self.round_progress["round"] * steps_per_round
-        self.state.epoch = float(self.round_progress["round"])  # rounds done: the epochs of a federated run
+            self.state.global_step = self.round_progress.round * steps_per_round
+        self.state.epoch = float(self.round_progress.round)  # rounds done: the epochs of a federated run
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
-        progress = self.round_progress
         with each_message_once(TRAINER_LOGGER):  # local training would repeat its log lines for every client
-            for round_number in range(progress["round"] + 1, args.num_rounds + 1):
+            for round_number in range(self.round_progress.round + 1, args.num_rounds + 1):
                 logs = Round(self, round_number, steps_per_round).run(self.client_executor)
                 self._finish_round(logs, steps_per_round, ignore_keys_for_eval, trial)
                 if self.control.should_training_stop:
@@ -192,12 +190,10 @@ class FederatedTrainer(Trainer):
             load_best_round(self)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self.is_in_train = False
-        metrics = speed_metrics("train", start_time, num_steps=self.state.global_step)
-        metrics.update(
-            train_loss=float(np.mean(progress["round_losses"])) if progress["round_losses"] else float("nan"),
-            total_bytes_up=progress["total_bytes_up"],
-            total_bytes_down=progress["total_bytes_down"],
-        )
+        metrics = {
+            **speed_metrics("train", start_time, num_steps=self.state.global_step),
+            **self.round_progress.summary(),
+        }
         self.log(dict(metrics))
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
@@ -205,13 +201,9 @@ class FederatedTrainer(Trainer):
         """After a round: count its bytes and loss, evaluate when due (tracking the best metric), log the round as
         one entry, and write a checkpoint when the schedule or a new best metric asks for one; in a hyperparameter
         search, report the eval metrics to the trial (which may prune it)."""
-        args, progress, round_number = self.args, self.round_progress, logs["round"]
-        progress["total_bytes_up"] += logs["bytes_up"]
-        progress["total_bytes_down"] += logs["bytes_down"]
-        progress["round_losses"].append(logs["loss"])
-        progress["round"] = round_number
+        args, round_number = self.args, logs["round"]
+        self.round_progress.add(logs)
         self.state.epoch = float(round_number)
-        logs.update(total_bytes_up=progress["total_bytes_up"], total_bytes_down=progress["total_bytes_down"])
         new_best = False
         if evaluation_due(args, round_number, steps_per_round):
             if self.client_eval_datasets:
@@ -233,7 +225,7 @@ class FederatedTrainer(Trainer):
         """Write `output_dir/round-N` for the last finished round N (`fed_trainer.checkpoint.save_round`), push it as
         `hub_strategy` says and fire `on_save`; its path."""
         directory = save_round(self)
-        push_round(self, directory, self.round_progress["round"])
+        push_round(self, directory, self.round_progress.round)
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return str(directory)
 

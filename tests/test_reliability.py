@@ -142,12 +142,12 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(make_config,
                 raise OSError("disk full")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr("fed_trainer.trainer.torch.save", failing_save)
+    monkeypatch.setattr("fed_trainer.checkpoint.torch.save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     out = tmp_path / "out"
     assert (out / "round-1" / STATE_FILE).exists() and not (out / "round-2").exists()
-    monkeypatch.setattr("fed_trainer.trainer.torch.save", real_save)
+    monkeypatch.setattr("fed_trainer.checkpoint.torch.save", real_save)
     resumed = FederatedTrainer(model=tiny_bert(), args=make_config(save_every_rounds=1), client_datasets=CLIENTS)
     resumed.train(resume_from_checkpoint=True)
     assert [e["round"] for e in rounds(resumed)] == [1, 2]
