@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# trackio reads its folder once, on import: a throwaway one, never the user's ~/.cache/huggingface/trackio
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="trackio-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -239,6 +239,20 @@ def test_tensorboard_gets_one_entry_per_round_at_the_runs_step(make_config):
     assert [(s.step, s.value) for s in scalars.Scalars("train/train_loss")] == [(9, pytest.approx(mean_loss))]
 
 
+def test_trackio_gets_one_entry_per_round_at_the_runs_step(make_config):
+    from trackio.sqlite_storage import SQLiteStorage  # TRACKIO_DIR: a temporary folder (tests/conftest.py)
+
+    trainer = build(make_config, num_rounds=3, eval_strategy="epoch", report_to=["trackio"], project="fed-test",
+                    run_name="rounds")  # fmt: skip
+    trainer.train()
+    logged = [entry for entry in SQLiteStorage.get_logs("fed-test", "rounds") if "train/round" in entry]
+    rounds = [e for e in trainer.state.log_history if "round" in e]
+    assert [e["train/global_step"] for e in logged] == [r["step"] for r in rounds] == [3, 6, 9]
+    for entry, expected in zip(logged, rounds, strict=True):
+        for tag, key in [("train/loss", "loss"), ("train/bytes_up", "bytes_up"), ("eval/loss", "eval_loss")]:
+            assert entry[tag] == pytest.approx(expected[key], rel=1e-6), tag
+
+
 class FirstRounds(FederatedCallback):
     """Per train() call: the global model each run starts from, and the rounds it ran."""
 
