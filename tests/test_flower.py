@@ -226,13 +226,17 @@ def assert_same_model(saved: Path, expected: Path) -> None:
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
-# FLoRA over TLS with authenticated nodes: the hardest case (kept node state, mixed ranks); FedAvg runs on Flower in
-# the kill test below (its round trip against the simulation for every strategy is in tests/test_contract.py)
-@pytest.mark.parametrize(
-    "secure, fed_args",
-    [(True, "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3")],
-    ids=["flora-tls-auth"],
+# FLoRA over TLS with authenticated nodes: the hardest case (kept node state, mixed ranks), with a server optimizer
+# whose state the ServerApp carries from round to round (FedAvgM: linear in the update, so the comparison with the
+# simulation stays tight); FedAvg runs on Flower in the kill test below (every strategy's message and payload round
+# trip through Flower records is in tests/test_contract.py)
+FLORA_FEDAVGM = (
+    "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3 "
+    "--server_optimizer fedavgm --server_learning_rate 1.5 --server_momentum 0.5"
 )
+
+
+@pytest.mark.parametrize("secure, fed_args", [(True, FLORA_FEDAVGM)], ids=["flora-fedavgm-tls-auth"])
 def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_path, deployments, secure, fed_args):
     fed_args = f"{TINY} {fed_args}"
     deployed = deployments(secure).run(fed_args, tmp_path / "deployed")
