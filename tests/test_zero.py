@@ -91,13 +91,17 @@ def test_two_zero_processes_end_with_the_global_model_of_one(tmp_path, one_proce
 
 
 def test_a_zero3_run_killed_mid_round_resumes_to_the_global_model_of_one_process(tmp_path):
-    # FlexLoRA's state includes W0 of the targeted layers: gathered from the partitions into the checkpoint
-    flexlora = ["--strategy", "flexlora", "--ranks", "2,4,8", "--rounds", "3"]
-    zero3 = [*flexlora, "--deepspeed", str(REPO / "recipes" / "deepspeed" / "zero3.json")]
+    # FLoRA with mixed ranks and FedYogi on the server: the checkpoint holds the folded base weights and the server
+    # optimizer's moments of every targeted layer, gathered from the partitions; resuming loads both back into them
+    flora = ["--strategy", "flora", "--ranks", "2,4,8", "--rounds", "3", "--server_optimizer", "fedyogi"]
+    zero3 = [*flora, "--deepspeed", str(REPO / "recipes" / "deepspeed" / "zero3.json")]
     run(TORCHRUN, tmp_path / "run", *zero3, "--kill_in_round", "3", succeeds=False)
     assert sorted(p.name for p in (tmp_path / "run").glob("round-*")) == ["round-1", "round-2"]
+    state = torch.load(tmp_path / "run" / "round-2" / "federated_state.pt", weights_only=False)
+    moments = state["strategy_state"]["server_optimizer"]
+    assert moments and all(t.abs().sum() > 0 for group in moments.values() for t in group.values()), moments.keys()
     run(TORCHRUN, tmp_path / "run", *zero3, "--resume")  # the checkpoint's whole weights loaded into partitions
-    run([sys.executable], tmp_path / "one", *flexlora, "--batch_size", "8")
+    run([sys.executable], tmp_path / "one", *flora, "--batch_size", "8")
     assert_same_saved_model(tmp_path / "run" / "model", tmp_path / "one" / "model")
 
 
