@@ -23,6 +23,8 @@ TWO_RANK_OPTIONS = {
     "fedit": dict(aggregation_rule="median"),  # every payload gathered on every rank
     "fedex_lora": dict(server_optimizer="fedadam"),  # a second running sum (the products) reduced over ranks
     "fedavg": dict(clients_per_round=None),  # all 3 clients; client 1 raises in round 2 (tests/contract_ranks.py)
+    # every round evaluated on each client's held-out quarter, each set spread over the ranks as evaluate() does
+    "ffa_lora": dict(client_eval_split=0.25, eval_strategy="epoch"),
 }
 
 

@@ -15,7 +15,7 @@ For each, on tiny BERT (3 clients, 2 rounds):
 - two client-parallel ranks (one `torchrun` for every strategy, tests/contract_ranks.py) end with the global model of
   one process, round by round the same clients, losses and bytes, with the options that stress each part of the
   cross-rank merge (tests/contract_setup.py: clients moving between ranks, a robust rule, a server optimizer, a client
-  failing on one rank).
+  failing on one rank, every client's held-out set evaluated).
 """
 
 import json
@@ -225,6 +225,10 @@ def test_two_client_parallel_ranks_end_with_the_global_model_of_one_process(two_
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a.get("num_clients_dropped") == b.get("num_clients_dropped")
+        evaluated = {key: value for key, value in a.items() if key.startswith("eval_client")}
+        assert {key: b[key] for key in evaluated} == pytest.approx(evaluated, abs=1e-6)
+    if "client_eval_split" in TWO_RANK_OPTIONS.get(name, {}):
+        assert all("eval_clients_mean_loss" in entry for entry in two)
     if failing:
         assert [entry.get("num_clients_dropped") for entry in two] == [None, 1, None]
     # checkpoints written by the main process alone (two writers would race on the round-N.partial folders)
