@@ -122,6 +122,8 @@ class FedAvg(Strategy):
             self._kept = []
         optimizer = self.server_optimizer
         for name, value in self.global_state.items():
+            if name not in aggregate:  # not sent this round (RoLoRA's frozen factor): unchanged
+                continue
             if optimizer is not None and self.stepped(name):
                 value.copy_(optimizer.moved(name, value, aggregate[name]))
             else:
