@@ -94,7 +94,9 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize(("kind", "strategy"), [("4-bit nf4", "fedit"), ("4-bit fp4", "ffa_lora"), ("8-bit", "fedit")])
+@pytest.mark.parametrize(
+    ("kind", "strategy"), [("4-bit nf4", "fedit"), ("4-bit fp4", "ffa_lora"), ("8-bit", "rolora")]
+)
 def test_lora_on_a_quantized_base_trains_and_merges_into_the_dequantized_base(llama_path, kind, strategy, tmp_path):
     trainer = run(llama_path, kind, strategy, tmp_path)
     before = trainer.evaluate()["eval_loss"]
@@ -162,7 +164,8 @@ def test_strategies_that_would_write_into_a_quantized_base_are_refused(llama_pat
     if caps.lora and not caps.folds_into_base:
         build()
         return
-    with pytest.raises(ValueError, match=r"4-bit nf4 base cannot hold.*\['fedit', 'ffa_lora'\].*quantization_config"):
+    refused = r"4-bit nf4 base cannot hold.*\['fedit', 'ffa_lora', 'rolora'\].*quantization_config"
+    with pytest.raises(ValueError, match=refused):
         build()
 
 
