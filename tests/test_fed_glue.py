@@ -113,7 +113,7 @@ def lora_weights_moved_only_where_targeted(directory: Path, targets: list[str]) 
 
 
 # LoRA learns at a higher rate than the recipes' (tuned for 5 rounds of 10 steps): 1e-2 in this short run.
-@pytest.mark.parametrize("strategy", ["fedit", "ffa_lora", "rolora", "fedex_lora", "flora", "flexlora"])
+@pytest.mark.parametrize("strategy", ["fedit", "ffa_lora", "rolora", "lora_fair", "fedex_lora", "flora", "flexlora"])
 def test_every_lora_recipe_runs_the_example(tmp_path, strategy):
     recipe = str(ROOT / "recipes" / f"{strategy}.yaml")
     ranks = ["--lora_ranks", "2", "4"] if strategy in ("flora", "flexlora") else []  # LEARNS has 2 clients

@@ -164,7 +164,7 @@ def test_strategies_that_would_write_into_a_quantized_base_are_refused(llama_pat
     if caps.lora and not caps.folds_into_base:
         build()
         return
-    refused = r"4-bit nf4 base cannot hold.*\['fedit', 'ffa_lora', 'rolora'\].*quantization_config"
+    refused = r"4-bit nf4 base cannot hold.*\['fedit', 'ffa_lora', 'lora_fair', 'rolora'\].*quantization_config"
     with pytest.raises(ValueError, match=refused):
         build()
 

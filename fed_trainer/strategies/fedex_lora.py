@@ -13,25 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fed_trainer.distributed import all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.keys import message_key
-from fed_trainer.strategies.lora import (
-    ADAPTER,
-    LoraStrategy,
-    factor_names,
-    fold_into_base,
-    is_lora_factor,
-    lora_factors,
-    lora_parameters,
-)
+from fed_trainer.strategies.lora import ADAPTER, ProductAveragingLora, fold_into_base, is_lora_factor, lora_factors
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import whole
 
 
 @register_strategy("fedex_lora")
-class FedExLoRA(LoraStrategy):
+class FedExLoRA(ProductAveragingLora):
     """FedIT's averaged factors, plus the residual sum p_k s B_k A_k - s B A folded into the base: exact."""
 
     paper = (
@@ -46,24 +36,6 @@ class FedExLoRA(LoraStrategy):
 
     def stepped(self, name: str) -> bool:  # the factors are averaged; the server steps each layer's whole update
         return super().stepped(name) and not is_lora_factor(name)
-
-    def begin_round(self, round_number: int) -> None:
-        super().begin_round(round_number)
-        self._products: dict[str, torch.Tensor] = {}
-
-    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
-        super().aggregate(payload, weight, client_id)
-        coefficient = weight * self.scaling(client_id)
-        for name, layer in self.layers.items():
-            product = self._product(name, layer, payload, coefficient)
-            if name in self._products:
-                self._products[name].add_(product)
-            else:
-                self._products[name] = product
-
-    def synchronize(self) -> None:
-        super().synchronize()
-        self._products = all_reduce_sums(self._products)
 
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)
@@ -83,7 +55,7 @@ class FedExLoRA(LoraStrategy):
         super().finish_round(model)
         for name, layer in self.layers.items():
             a, b = lora_factors(layer)  # now the averaged factors
-            average = self._products[name] / self.aggregated_weight
+            average = self.average_product(name)
             product = layer.scaling[ADAPTER] * (b.float() @ a.float())
             if name in previous:  # W0 + s B A + u(Delta) = (W0 + previous - s B A) + u(average - previous)
                 fold_into_base(layer, previous[name] - product)
@@ -95,11 +67,3 @@ class FedExLoRA(LoraStrategy):
         """s B A of the last global model's factors, by layer."""
         return {name: self._product(name, layer, self.global_state, layer.scaling[ADAPTER])
                 for name, layer in self.layers.items()}  # fmt: skip
-
-    @staticmethod
-    def _product(name: str, layer, tensors: TensorDict, coefficient: float) -> torch.Tensor:
-        """coefficient * B A of layer `name`, in float32, from the factors held in `tensors` (under ZeRO-3 this rank's
-        shards, gathered whole: a collective)."""
-        pairs = zip(factor_names(name), lora_parameters(layer))
-        a, b = (whole(tensors[key].detach(), p).flatten(1).float() for key, p in pairs)
-        return (b @ a).mul_(coefficient)

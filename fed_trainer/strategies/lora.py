@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import transpose
 from torch import nn
 
-from fed_trainer.distributed import all_gather_tensors
+from fed_trainer.distributed import all_gather_tensors, all_reduce_sums
 from fed_trainer.quantized import (
     dequantized_merge,
     keep_standard_layout,
@@ -339,3 +339,38 @@ class StackedLoraStrategy(LoraStrategy):
         parts = [self._stack_parts[i][name] for i in sorted(self._stack_parts)]
         left = torch.cat([left for left, _ in parts], dim=1) / self.aggregated_weight
         return left, torch.cat([right for _, right in parts], dim=0)
+
+
+class ProductAveragingLora(LoraStrategy):
+    """A LoRA strategy whose server also needs the average of the clients' products, sum_k p_k s_k B_k A_k per
+    layer (a dense out x in float32 sum per layer, summed over the ranks of a client-parallel round)."""
+
+    def begin_round(self, round_number: int) -> None:
+        super().begin_round(round_number)
+        self._products: dict[str, torch.Tensor] = {}
+
+    def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        super().aggregate(payload, weight, client_id)
+        coefficient = weight * self.scaling(client_id)
+        for name, layer in self.layers.items():
+            product = self._product(name, layer, payload, coefficient)
+            if name in self._products:
+                self._products[name].add_(product)
+            else:
+                self._products[name] = product
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        self._products = all_reduce_sums(self._products)
+
+    def average_product(self, name: str) -> torch.Tensor:
+        """sum_k p_k s_k B_k A_k of layer `name` over the round's clients kept (out x fan_in, float32)."""
+        return self._products[name] / self.aggregated_weight
+
+    @staticmethod
+    def _product(name: str, layer, tensors: TensorDict, coefficient: float) -> torch.Tensor:
+        """coefficient * B A of layer `name`, in float32, from the factors held in `tensors` (under ZeRO-3 this rank's
+        shards, gathered whole: a collective)."""
+        pairs = zip(factor_names(name), lora_parameters(layer))
+        a, b = (whole(tensors[key].detach(), p).flatten(1).float() for key, p in pairs)
+        return (b @ a).mul_(coefficient)
