@@ -23,8 +23,10 @@ TWO_RANK_OPTIONS = {
     "fedit": dict(aggregation_rule="median"),  # every payload gathered on every rank
     "fedex_lora": dict(server_optimizer="fedadam"),  # a second running sum (the products) reduced over ranks
     "fedavg": dict(clients_per_round=None),  # all 3 clients; client 1 raises in round 2 (tests/contract_ranks.py)
-    # every round evaluated on each client's held-out quarter, each set spread over the ranks as evaluate() does
-    "ffa_lora": dict(client_eval_split=0.25, eval_strategy="epoch"),
+    # every round evaluated on each client's held-out quarter (2, 4 and 6 examples), each set spread over the ranks as
+    # evaluate() spreads an eval set; one example a batch, so no rank pads its last batch with repeated examples
+    # (whose losses Trainer's distributed eval_loss would include, as it does for evaluate())
+    "ffa_lora": dict(client_eval_split=0.25, eval_strategy="epoch", per_device_eval_batch_size=1),
 }
 
 
