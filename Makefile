@@ -28,8 +28,9 @@ install:
 	@# fails, naming the fix, if the images are still missing
 	FASHION_MNIST_DIR="$(FASHION_MNIST_DIR)" $(PY) -m fed_trainer.assets.fashion_mnist
 
+# two test processes (pytest-xdist), a file each at a time: module fixtures are built once; see tests/conftest.py
 test:
-	$(PY) -m pytest tests --durations=30
+	$(PY) -m pytest tests -n 2 --dist loadfile --durations=40
 
 lint:
 	$(VENV)/bin/ruff check fed_trainer examples bench tests

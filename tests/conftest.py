@@ -14,6 +14,19 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from fed_trainer import FederatedConfig  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes on the machine's cores: a thread each
+    torch.set_num_threads(1)
+
+# The longest files first (from `make test`'s --durations), so that `pytest -n 2 --dist loadfile` starts them at once
+# on its two workers and fills in with the short ones, instead of leaving one long file alone at the end.
+LONGEST_FIRST = ["test_zero.py", "test_flower.py", "test_fed_glue.py", "test_trl.py", "test_compare.py",
+                 "test_fed_instruct.py", "test_reliability.py", "test_distributed.py", "test_fed_dpo.py"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order kept otherwise
+
 
 def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
     """A randomly initialised 2-layer BERT classifier (about 40k parameters)."""
