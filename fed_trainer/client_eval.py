@@ -88,3 +88,21 @@ def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset
         logs[f"eval_clients_worst_{name}"] = float(values.max() if name.endswith("loss") else values.min())
         logs[f"eval_clients_std_{name}"] = float(np.sqrt(weights @ (values - mean) ** 2))
     return logs
+
+
+def evaluate_round(trainer: FederatedTrainer, logs: dict, ignore_keys=None) -> None:
+    """A round's evaluation, into its log entry `logs`: every client's held-out set (when given), then `evaluate()`
+    on the eval_dataset, whose metrics join `logs` (through `trainer.round_logs`) and whose `on_evaluate` the
+    callbacks hear; without an eval_dataset, the callbacks' `on_evaluate` gets the clients' metrics."""
+    if trainer.client_eval_datasets:
+        logs.update(per_client_metrics(trainer, trainer.client_eval_datasets, ignore_keys))
+    if trainer.eval_dataset is None:  # EarlyStoppingCallback and the others hear the clients' metrics
+        trainer.control = trainer.callback_handler.on_evaluate(
+            trainer.args, trainer.state, trainer.control, metrics=eval_scores(logs)
+        )
+        return
+    trainer.round_logs = logs
+    try:
+        trainer.evaluate(ignore_keys=ignore_keys)
+    finally:
+        trainer.round_logs = None

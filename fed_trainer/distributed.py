@@ -64,6 +64,7 @@ def end_process_group() -> None:
 def drain_gloo_workers_at_exit() -> None:
     """Run `drain_gloo_workers` when the interpreter exits (registered once), also after a script that ends with an
     error or without `end_process_group`: atexit handlers run before the interpreter starts finalizing."""
+    atexit.unregister(drain_gloo_workers)  # one registration, however many trainers the process builds
     atexit.register(drain_gloo_workers)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping, Sequence
 
@@ -16,7 +15,7 @@ from transformers.utils import logging
 from fed_trainer.callbacks import RoundProgressCallback
 from fed_trainer.checkpoint import RunProgress, load_best_round, resolve_checkpoint, resume, save_round
 from fed_trainer.client import TRAINER_LOGGER, ClientRunner, each_message_once, local_steps_for
-from fed_trainer.client_eval import eval_strategy_for_trainer, held_out_sets, per_client_metrics
+from fed_trainer.client_eval import eval_strategy_for_trainer, evaluate_round, held_out_sets
 from fed_trainer.clients import client_datasets_from, client_lora_configs
 from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
@@ -25,7 +24,7 @@ from fed_trainer.hub import push_round, round_checkpoints_left_out
 from fed_trainer.model_card import append_federated_section, card_tags, rounds_as_card_rows
 from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, InProcessClients, Round
-from fed_trainer.schedule import eval_scores, evaluation_due, is_new_best, keeps_best, save_due
+from fed_trainer.schedule import evaluation_due, is_new_best, keeps_best, save_due
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.strategies.capabilities import check_capabilities
 from fed_trainer.zero import share_engine, whole_copy
@@ -124,13 +123,13 @@ class FederatedTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         args.eval_strategy = evaluation
-        if args.world_size > 1:
+        if args.world_size > 1:  # gloo's worker threads must be done before the interpreter finalizes
             drain_gloo_workers_at_exit()
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RoundProgressCallback)
-        self._round_logs: dict | None = None
+        self.round_logs: dict | None = None  # the entry of the round being evaluated (`evaluate_round`)
         self.client_trainer_cls, self.client_callbacks = client_trainer_cls, list(client_callbacks or [])
-        self.model_init = model_init
+        self.model_init = model_init  # Trainer.__init__, which was not given it, set None
         self.client_runner = ClientRunner(self)
         # where the clients train: in this process; fed_trainer.flower sets its SuperNodes' executor instead
         self.client_executor: ClientExecutor = InProcessClients()
@@ -139,13 +138,8 @@ class FederatedTrainer(Trainer):
     def federated_model(self, model: nn.Module, args: FederatedConfig) -> nn.Module:
         """`model` as `self.strategy` trains it (a PEFT model for a LoRA strategy), after checking that the
         strategy supports the run's set-up."""
-        if isinstance(model, PeftModel) and not self.strategy.capabilities.lora:
-            raise ValueError(
-                f"model is a PeftModel but strategy {self.strategy.name!r} averages full weights: pass the base model "
-                "with peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
-            )
         peft_configs = client_lora_configs(list(self.client_datasets), *self._peft_configs)
-        check_capabilities(self.strategy, args, peft_configs, quantization_of(model))
+        check_capabilities(self.strategy, args, peft_configs, quantization_of(model), isinstance(model, PeftModel))
         return self.strategy.setup(model, args, peft_configs)
 
     def client_trainer_kwargs(self) -> dict:
@@ -206,15 +200,7 @@ class FederatedTrainer(Trainer):
         self.state.epoch = float(round_number)
         new_best = False
         if evaluation_due(args, round_number, steps_per_round):
-            if self.client_eval_datasets:
-                logs.update(per_client_metrics(self, self.client_eval_datasets, ignore_keys_for_eval))
-            if self.eval_dataset is not None:
-                with self._logging_into(logs):
-                    self.evaluate(ignore_keys=ignore_keys_for_eval)
-            else:  # no evaluate(): the callbacks (EarlyStoppingCallback, ...) hear the clients' metrics
-                self.control = self.callback_handler.on_evaluate(
-                    args, self.state, self.control, metrics=eval_scores(logs)
-                )
+            evaluate_round(self, logs, ignore_keys_for_eval)
             new_best = is_new_best(args, self.state, logs)
             report_round(self, trial, logs)  # may prune the trial
         self.log(logs)
@@ -236,20 +222,10 @@ class FederatedTrainer(Trainer):
             return self.accelerator.get_state_dict(self.deepspeed)
         return self.accelerator.unwrap_model(self.model).state_dict()
 
-    @contextlib.contextmanager
-    def _logging_into(self, logs: dict):
-        """Route what `log()` receives into `logs`, so a round is one entry of `log_history`."""
-        self._round_logs = logs
-        try:
-            yield
-        finally:
-            self._round_logs = None
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._round_logs is not None:
-            self._round_logs.update(logs)
-            return
-        super().log(logs, start_time)
+        if self.round_logs is None:
+            return super().log(logs, start_time)
+        self.round_logs.update(logs)  # within a round's evaluation: its metrics join the round's entry
 
     def merged_model(self) -> nn.Module | None:
         """The global model as a plain transformers model (adapters and residuals folded in).

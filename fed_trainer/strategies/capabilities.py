@@ -96,13 +96,23 @@ def refused(strategy: Strategy, capability: str, fix: str = "") -> ValueError:
 
 
 def check_capabilities(
-    strategy: Strategy, args: FederatedConfig, peft_configs: dict | None, quantized: str | None = None
+    strategy: Strategy,
+    args: FederatedConfig,
+    peft_configs: dict | None,
+    quantized: str | None = None,
+    peft_model: bool = False,
 ) -> None:
     """Refuse, before any training, a run that asks `strategy` for something it does not support (`quantized`:
-    how the model's base is quantized, see `fed_trainer.quantized.quantization_of`)."""
+    how the model's base is quantized, see `fed_trainer.quantized.quantization_of`; `peft_model`: whether the model
+    given is already a PEFT model)."""
     from fed_trainer.config import deepspeed_zero_stage
 
     caps = strategy.capabilities
+    if peft_model and not caps.lora:
+        raise ValueError(
+            f"model is a PeftModel but strategy {strategy.name!r} averages full weights: pass the base model with "
+            "peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
+        )
     if quantized and (not caps.lora or caps.folds_into_base):
         adapters_only = [n for n in supporting("lora") if not registered()[n].capabilities.folds_into_base]
         changes = "trains full weights" if not caps.lora else "adds its updates into the base weights"
