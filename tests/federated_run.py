@@ -69,7 +69,8 @@ class FailClient(FederatedCallback):
         return self.collator(features)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The run `argv` (default: the command line) asks for; also called in-process by tests/test_zero.py."""
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", required=True)
     p.add_argument("--output_dir", required=True)
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--clients_per_round", type=int)
     p.add_argument("--fail_client", help="ROUND:CLIENT[:RANK]: that client's training raises (see FailClient)")
     p.add_argument("--ranks", help="the clients' LoRA ranks, e.g. 2,4,8 (default: peft_config's rank for all)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     galore = a.strategy.startswith("galore_")  # galore_lowrank, galore_shared: GaLore clients
     lora = a.strategy != "fedavg" and not galore
     optimizer = dict(optim="galore_adamw", optim_target_modules=["attention", "intermediate"],

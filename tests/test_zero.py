@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import federated_run
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,6 +41,17 @@ def assert_same_saved_model(saved: Path, expected: Path):
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=f"{saved.name}: {name}")
 
 
+def run_here(output_dir, *flags):
+    """The same run as `run`, without DeepSpeed, in this process on one thread (as a launched process with
+    OMP_NUM_THREADS=1): it saves the start-up of a process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        federated_run.main(["--output_dir", str(output_dir), *SAME_WORK, *flags])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference runs, without DeepSpeed, by strategy."""
@@ -48,7 +60,7 @@ def one_process(tmp_path_factory):
     def reference(*flags):
         if flags not in cache:
             cache[flags] = tmp_path_factory.mktemp("one")
-            run([sys.executable], cache[flags], *flags, "--batch_size", "8")
+            run_here(cache[flags], *flags, "--batch_size", "8")
         return cache[flags]
 
     return reference
@@ -101,7 +113,7 @@ def test_a_zero3_run_killed_mid_round_resumes_to_the_global_model_of_one_process
     moments = state["strategy_state"]["server_optimizer"]
     assert moments and all(t.abs().sum() > 0 for group in moments.values() for t in group.values()), moments.keys()
     run(TORCHRUN, tmp_path / "run", *zero3, "--resume")  # the checkpoint's whole weights loaded into partitions
-    run([sys.executable], tmp_path / "one", *flora, "--batch_size", "8")
+    run_here(tmp_path / "one", *flora, "--batch_size", "8")
     assert_same_saved_model(tmp_path / "run" / "model", tmp_path / "one" / "model")
 
 
