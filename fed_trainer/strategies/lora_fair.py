@@ -18,7 +18,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from fed_trainer.strategies.lora import ADAPTER, LoraStrategy, ProductAveragingLora, lora_factors, lora_parameters
+from fed_trainer.strategies.lora import (
+    ADAPTER,
+    LoraStrategy,
+    ProductAveragingLora,
+    factor_names,
+    lora_factors,
+    lora_parameters,
+)
 from fed_trainer.strategies.registry import register_strategy
 
 
@@ -52,11 +59,7 @@ class LoRAFAIR(ProductAveragingLora):
 
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)  # FedIT: the live adapter and the global state hold the averages
-        params = dict(model.named_parameters())
         for name, layer in self.layers.items():
             _, live_b = lora_parameters(layer)
-            refitted = self.corrected_b(name).reshape(live_b.shape).to(live_b.dtype)
-            live_b.data.copy_(refitted)
-        for key, value in self.global_state.items():  # the global state follows the live B'
-            if key in params and ".lora_B." in key:
-                value.copy_(params[key].detach())
+            live_b.data.copy_(self.corrected_b(name).reshape(live_b.shape).to(live_b.dtype))
+            self.global_state[factor_names(name)[1]].copy_(live_b.detach())  # the global state follows B'

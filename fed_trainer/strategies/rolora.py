@@ -53,5 +53,6 @@ class RoLoRA(LoraStrategy):
             b.requires_grad_(b_round)
 
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
-        frozen = {factor_names(layer)[1 if not self.trains_b(self.round_number) else 0] for layer in self.layers}
+        frozen_index = 0 if self.trains_b(self.round_number) else 1  # factor_names: (A, B)
+        frozen = {factor_names(layer)[frozen_index] for layer in self.layers}
         return {name: t for name, t in super().client_payload(model, client_id).items() if name not in frozen}
