@@ -30,7 +30,7 @@ install:
 
 # two test processes (pytest-xdist), a file each at a time: module fixtures are built once; see tests/conftest.py
 test:
-	$(PY) -m pytest tests -n 2 --dist loadfile --durations=40
+	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=40
 
 lint:
 	$(VENV)/bin/ruff check fed_trainer examples bench tests

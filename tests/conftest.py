@@ -18,8 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes
     torch.set_num_threads(1)
 
 # The longest files first (from `make test`'s --durations), so that `pytest -n 2 --dist loadfile` starts them at once
-# on its two workers and fills in with the short ones, instead of leaving one long file alone at the end.
-LONGEST_FIRST = ["test_zero.py", "test_flower.py", "test_fed_glue.py", "test_trl.py", "test_compare.py",
+# on its two workers and fills in with the short ones, instead of leaving one long file alone at the end. (`make test`
+# passes --no-loadscope-reorder: by default pytest-xdist 3.8 reorders the files by their number of tests, which put
+# test_flower.py's three long tests last, the other worker idle meanwhile.)
+LONGEST_FIRST = ["test_flower.py", "test_zero.py", "test_fed_glue.py", "test_trl.py", "test_compare.py",
                  "test_fed_instruct.py", "test_reliability.py", "test_distributed.py", "test_fed_dpo.py"]  # fmt: skip
 
 
