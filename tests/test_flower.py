@@ -228,8 +228,8 @@ def assert_same_model(saved: Path, expected: Path) -> None:
 
 # FLoRA over TLS with authenticated nodes: the hardest case (kept node state, mixed ranks), with a server optimizer
 # whose state the ServerApp carries from round to round (FedAvgM: linear in the update, so the comparison with the
-# simulation stays tight); FedAvg runs on Flower in the kill test below (every strategy's message and payload round
-# trip through Flower records is in tests/test_contract.py)
+# simulation stays tight); SCAFFOLD (FedAvg with client state) runs on Flower in the kill test below (every
+# strategy's message and payload round trip through Flower records is in tests/test_contract.py)
 FLORA_FEDAVGM = (
     "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3 "
     "--server_optimizer fedavgm --server_learning_rate 1.5 --server_momentum 0.5"
@@ -260,22 +260,33 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(deployments):
     assert code not in (None, 0) and "Failed to activate SuperNode" in log, log[-3000:]
 
 
-def test_a_supernode_killed_mid_round_stops_the_run_with_a_clear_error_or_is_dropped(tmp_path):
+# SCAFFOLD: each SuperNode keeps its client's control c_k between rounds (and the server its record of every c_k)
+SCAFFOLD = "--strategy scaffold --optim sgd --learning_rate 0.05 --lr_scheduler_type constant --warmup_steps 0"
+
+
+def test_a_killed_supernode_stops_the_run_and_the_resumed_run_ends_where_the_simulation_ends(tmp_path):
     deployment, run = Deployment(tmp_path / "deployment", secure=False), tmp_path / "run"
+    fed_args = f"{TINY} --min_clients_per_round 2 {SCAFFOLD}"
     try:
-        # min_clients_per_round=2: the run stops after checkpointing round 1, with an error that says why
-        logs = deployment.run_killing_node(1, f"{TINY} --min_clients_per_round 2", run)
+        # node 1 killed in round 2: the run stops after checkpointing round 1, with an error that says why (and only
+        # 1 of 2: node 0 trained round 2 from the control its state file kept, whose round matched the server's)
+        logs = deployment.run_killing_node(1, fed_args, run)
         assert "only 1 of 2 clients gave a usable update" in logs, logs[-3000:]
         assert (run / "round-1").is_dir() and not (run / "model.safetensors").exists()
-        # the node back and the run resumed from its checkpoint with min_clients_per_round=1: the node killed again
-        # in round 2 is dropped, and the run completes with client 0 alone
+        # the node back without the control it kept, and the run resumed from round 1's checkpoint (a new Flower
+        # run, so neither node holds its state): the server sends each client its c_k, and the run ends where the
+        # uninterrupted simulation ends
         deployment.nodes[1] = deployment.start_node(1)
-        resume = f"{TINY} --min_clients_per_round 1 --resume_from_checkpoint {run / 'round-1'}"
-        logs = deployment.run_killing_node(1, resume, run)
-        state = json.loads((run / "trainer_state.json").read_text())
-        rounds = [e for e in state["log_history"] if "round" in e]
-        assert [e["round"] for e in rounds] == [1, 2], logs[-3000:]
-        assert (rounds[0]["num_clients"], rounds[1]["num_clients"], rounds[1]["num_clients_dropped"]) == (2, 1, 1)
-        assert (run / "model.safetensors").exists()
+        deployment.run(f"{fed_args} --resume_from_checkpoint {run / 'round-1'}", run)
     finally:
         deployment.stop()
+    expected = simulated(fed_args, tmp_path / "simulated")
+    assert_same_model(run, expected)
+    rounds = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "round" in e]
+    want = json.loads((expected / "rounds.json").read_text())
+    assert [(e["round"], e["num_clients"]) for e in rounds] == [(1, 2), (2, 2)]
+    # a message: the weights and c (the same size), the round of the client's c_k (8 bytes), after the resume its c_k
+    controls = (want[0]["bytes_down"] // 2 - 8) // 2
+    resent = [0, 2 * controls]
+    assert [e["bytes_down"] for e in rounds] == [w["bytes_down"] + r for w, r in zip(want, resent, strict=True)]
+    assert [e["loss"] for e in rounds] == pytest.approx([w["loss"] for w in want], abs=1e-5)

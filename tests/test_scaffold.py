@@ -8,6 +8,7 @@ itself: the corrected local steps, the control updates (option II), the weighted
 
 import copy
 
+import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
 from transformers import default_data_collator
@@ -82,11 +83,11 @@ def test_scaffold_ends_where_the_written_out_algorithm_ends(make_config):
     plain.train()
     gap = max((p.detach() - expected[n]).abs().max().item() for n, p in plain.model.named_parameters())
     assert gap > 1e-3, gap
-    # both directions carry the controls too: twice FedAvg's bytes
+    # both directions carry the controls too: twice FedAvg's bytes, and each message the round of the client's c_k
     rounds = [e for e in trainer.state.log_history if "round" in e]
     plain_rounds = [e for e in plain.state.log_history if "round" in e]
     for a, b in zip(rounds, plain_rounds, strict=True):
-        assert (a["bytes_up"], a["bytes_down"]) == (2 * b["bytes_up"], 2 * b["bytes_down"])
+        assert (a["bytes_up"], a["bytes_down"]) == (2 * b["bytes_up"], 2 * b["bytes_down"] + 8 * a["num_clients"])
 
 
 def test_a_client_on_its_own_machine_keeps_its_control_for_its_next_round(make_config):
@@ -116,3 +117,37 @@ def test_a_client_on_its_own_machine_keeps_its_control_for_its_next_round(make_c
         name = next(n for n, p in node.model.named_parameters() if p is param)
         expected = strategy.control[name] - strategy.client_controls[0][name]
         torch.testing.assert_close(correction, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_client_whose_machine_lost_its_control_is_dropped_once_then_sent_it(make_config):
+    """The server counts each client's c_k. A node that does not hold the one counted (a restarted SuperNode; a
+    resumed Flower run is a new run) refuses to train, and the server's next message to that client carries its c_k
+    (bytes counted), which the node then corrects its steps with."""
+    trainer = FederatedTrainer(model=tiny_bert(dropout=0.0), args=make_config(strategy="scaffold", **SGD),
+                               client_datasets=CLIENTS)  # fmt: skip
+    strategy, plan = trainer.strategy, ClientPlan(seed=3, offset=0, schedule_steps=STEPS * ROUNDS)
+    node = FederatedTrainer(model=tiny_bert(dropout=0.0), args=make_config(strategy="scaffold", **SGD,
+                            output_dir=str(trainer.args.output_dir) + "-node"), client_datasets=CLIENTS)  # fmt: skip
+    messages = []
+    for round_number in (1, 2, 3):
+        strategy.begin_round(round_number)
+        messages.append(tensor_record(strategy.server_message(0)).to_torch_state_dict())
+        if round_number == 1:  # client 0 trains (in the simulation): the server now counts a c_k for it
+            payload, _ = local_update(trainer, 0, CLIENTS[0], strategy.server_message(0), plan)
+            strategy.aggregate(payload, 1.0, client_id=0)
+        elif round_number == 2:  # its node restarted, holding nothing: dropped; client 1 trains
+            with pytest.raises(RuntimeError, match="from round 0 .*but the server counts the one from round 1"):
+                remote_update(node, 2, 0, messages[-1], plan, kept={})
+            payload, _ = local_update(trainer, 1, CLIENTS[1], strategy.server_message(1), plan)
+            strategy.aggregate(payload, 1.0, client_id=1)
+        else:  # sent its c_k, the node trains with it
+            _, _, kept = remote_update(node, 3, 0, messages[-1], plan, kept={})
+        strategy.synchronize()
+        strategy.finish_round(trainer.model)
+    own = {key: value for key, value in messages[2].items() if key.endswith(".own_control")}
+    assert not any(key.endswith(".own_control") for message in messages[:2] for key in message)
+    assert len(own) == len(strategy.control) and int(kept["control_round"]) == 3
+    for name, c_k in strategy.client_controls[0].items():  # round 1's (round 3's update is not aggregated here)
+        torch.testing.assert_close(own[message_key(name, "own_control")], c_k)
+        torch.testing.assert_close(node.strategy.kept_control[name], c_k)
+    assert max(c.abs().max().item() for c in node.strategy.kept_control.values()) > 1e-3

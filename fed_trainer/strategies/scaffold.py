@@ -11,6 +11,13 @@ averages the weights as FedAvg does (x = sum_k p_k y_k) and moves c by the sampl
 The control estimate is an average gradient only for SGD-like steps: with another `optim` the run warns. Client
 controls persist across rounds: in the simulation the strategy keeps every client's on the CPU (N times the
 trainable weights, saved in round checkpoints); on Flower each SuperNode keeps its own (`client_state`).
+
+c stays the mean of the c_k the server counted only if every client corrects with that c_k. The server keeps its
+record of each c_k (the sum of the Delta c_k it received) and sends the round it is from (`CONTROL_ROUND`, 8 bytes)
+with every message. A node whose kept c_k is from another round (a SuperNode restarted, a reply lost after the node
+kept its new c_k) refuses to train and is dropped; the next message to a client whose last one brought no update,
+and the first to every client after a resume (a resumed Flower run is a new run: its SuperNodes start without
+state), carries the server's c_k (`own_control`), whose bytes are counted.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from fed_trainer.distributed import all_gather_tensors, all_reduce_sums
+from fed_trainer.distributed import all_gather_objects, all_gather_tensors, all_reduce_sums
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
@@ -33,6 +40,9 @@ if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
 
 logger = logging.getLogger(__name__)
+
+# The round the server's record of a client's control is from (0: none yet), in every message and a node's kept state
+CONTROL_ROUND = "control_round"
 
 
 class ControlledSteps(TrainerCallback):
@@ -84,6 +94,8 @@ class Scaffold(FedAvg):
         model = super().setup(model, args, peft_configs)
         self.control = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.averaged_parameters.items()}
         self.client_controls: dict = {}  # client -> its c_k, on the CPU (the simulation's clients' own state)
+        self.control_round: dict = {}  # client -> the round its c_k was last updated in
+        self.unsure: set = set()  # clients whose machine may not hold the c_k the server counts: sent theirs next
         self.kept_control: TensorDict = {}  # on a SuperNode: its client's c_k, from what the node kept
         self.steps = ControlledSteps()
         return model
@@ -93,11 +105,29 @@ class Scaffold(FedAvg):
 
     def server_message(self, client_id) -> TensorDict:
         controls = {message_key(name, "control"): c for name, c in self.control.items()}
+        controls[CONTROL_ROUND] = torch.tensor(self.control_round.get(client_id, 0))
+        if client_id in self.unsure and client_id in self.client_controls:
+            own = self.client_controls[client_id]
+            controls.update({message_key(name, "own_control"): c for name, c in own.items()})
+        self._messaged.add(client_id)
         return {**super().server_message(client_id), **controls}
 
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
-        self.kept_control = {parse(key).tensor: value for key, value in kept.items() if parse(key).part == "control"}
-        return kept
+        """The client's c_k: sent by the server, or kept by this machine if it is the one the server counts."""
+        counted = int(message[CONTROL_ROUND])
+        parts = {key: parse(key) for key in message}
+        own = {k.tensor: message[key] for key, k in parts.items() if k.part == "own_control"}
+        if not own and counted > 0:
+            held = int(kept[CONTROL_ROUND]) if CONTROL_ROUND in kept else 0
+            if held != counted:
+                raise RuntimeError(
+                    f"this client keeps its SCAFFOLD control from round {held} (0: none), but the server counts the "
+                    f"one from round {counted} (was its SuperNode restarted, or its last reply lost?); it is dropped "
+                    "this round and sent its control the next time."
+                )
+            own = {parse(key).tensor: value for key, value in kept.items() if parse(key).part == "control"}
+        self.kept_control = own
+        return {}
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         super().load_client(model, message, client_id)
@@ -126,12 +156,14 @@ class Scaffold(FedAvg):
         return {**payload, **{message_key(name, "control"): change for name, change in changes.items()}}
 
     def client_state(self, client_id) -> TensorDict:
-        return {message_key(name, "control"): c.detach().cpu() for name, c in self._own_next.items()}
+        controls = {message_key(name, "control"): c.detach().cpu() for name, c in self._own_next.items()}
+        return {**controls, CONTROL_ROUND: torch.tensor(self.round_number)}
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
         self._control_sum: TensorDict | None = None  # sum of the round's Delta c_k, unweighted
         self._updated: dict = {}  # client -> its c_k+ (this process's clients)
+        self._messaged: set = set()  # clients sent a message this round (this process's)
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         super().aggregate({k: v for k, v in payload.items() if parse(k).part != "control"}, weight, client_id)
@@ -150,18 +182,24 @@ class Scaffold(FedAvg):
         for part in all_gather_tensors(self._updated, torch.device("cpu")):  # a client's next round may be elsewhere
             merged.update(part)
         self._updated = merged
+        self._messaged = set().union(*all_gather_objects(self._messaged))
 
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
         for name, total in (self._control_sum or {}).items():  # c += (|S| / N) mean_k Delta c_k
             self.control[name].add_(total, alpha=1.0 / self.args.num_clients)
         self.client_controls.update(self._updated)
+        self.control_round.update(dict.fromkeys(self._updated, self.round_number))
+        self.unsure = (self.unsure | self._messaged) - set(self._updated)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "control": self.control, "client_controls": self.client_controls}
+        controls = {"control": self.control, "client_controls": self.client_controls}
+        return {**super().state_dict(), **controls, "control_round": self.control_round}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)
         for name, value in state["control"].items():
             self.control[name].copy_(value)
         self.client_controls = state["client_controls"]
+        self.control_round = state.get("control_round", {})  # absent from checkpoints before it was kept
+        self.unsure = set(self.client_controls)  # their machines may have restarted since
