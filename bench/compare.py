@@ -3,11 +3,15 @@
 Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), galore_lowrank (the same aggregate,
 rank-r uplink), galore_shared (one server-picked projector for all clients, R-only uplink; also kept 4 rounds,
 without and with averaged Adam moments: galore_shared_r4, galore_shared_r4_moments), fedit, ffa_lora, flexlora,
-fedex_lora, flora; server optimizers on fedavg (fedavgm, nesterov, fedadam) and on fedex_lora (fedex_lora_fedadam),
-fedprox on fedavg, each sweeping its own option (eta, mu) at its base method's winning rate; scaffold with SGD
-clients, and fedavg_sgd, FedAvg with the same SGD clients, to compare it with; references: centralized (one client
-holding all the data, the same number of optimizer steps and examples as a federated run) and local_only (each
-client trains alone for the same number of steps; the mean of their results). Tasks (bench/tasks.py):
+fedex_lora, flora, rolora, lora_fair, fed_sb, fedsa_lora (whose global model is the shared part: its clients are
+judged by their own models in the worst-client figure); server optimizers on fedavg (fedavgm, nesterov, fedadam) and on
+fedex_lora (fedex_lora_fedadam), fedprox on fedavg, each sweeping its own option (eta, mu) at its base method's
+winning rate; scaffold with SGD clients, and fedavg_sgd, FedAvg with the same SGD clients, to compare it with;
+references: centralized (one client holding all the data, the same number of optimizer steps and examples as a
+federated run) and local_only (each client trains alone for the same number of steps; the mean of their results);
+compressed uplinks on fedavg and fedit at their base's rate: <base>_int8, <base>_nf4, and with error feedback
+<base>_int8_ef, <base>_nf4_ef.
+Tasks (bench/tasks.py):
 
 - `text` (default): all-MiniLM-L6-v2 on BBC News topics and movie-review sentiment, Dirichlet label splits with
   alpha in {0.1, 1.0} over 10 clients, 5 sampled per round; metric: validation accuracy.
@@ -17,18 +21,19 @@ client trains alone for the same number of steps; the mean of their results). Ta
   clients, 5 per round; metric: validation accuracy.
 
 Every method gets the same rounds, local steps, batch size, examples and seeds. Learning rates: each method runs a
-stated grid (full fine-tuning, GaLore and LoRA grids differ) on the first setting with the first seed and keeps
-its best for every setting; the sweep and its winners are reported.
+stated grid (full fine-tuning, GaLore and LoRA grids differ) on the first setting with the first seed and keeps its
+best for every setting; the sweep and its winners are reported.
 
     python bench/compare.py --json bench/results/compare.json --plots bench/results   # the full text comparison
     python bench/compare.py --quick --json bench/results/compare_quick.json             # one setting, one seed
     python bench/compare.py --task instruct --quick --json bench/results/compare_instruct.json
     python bench/compare.py --task vision --quick --json bench/results/compare_vision.json
 
-Reports per method and setting: final and best-round metric (mean and std over seeds), rounds to reach the
-target (90% of the best final accuracy of that setting, or 110% of the best final loss), total bytes
-communicated, peak RSS during the run (sampled; all runs share one process), wall time. A table on stdout, JSON
-with --json, PNG plots with --plots.
+Reports per method and setting: final and best-round metric (mean and std over seeds), the worst client's accuracy
+(label-split classification: the final model's validation accuracy on each class weighted by the client's share of
+that class, the lowest over the clients; `label_mix_accuracies`), rounds to reach the target (90% of the best final
+accuracy of that setting, or 110% of the best final loss), total bytes communicated, peak RSS during the run
+(sampled; all runs share one process), wall time. A table on stdout, JSON with --json, PNG plots with --plots.
 """
 
 from __future__ import annotations
@@ -54,11 +59,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from results_tables import rates  # noqa: E402
+from results_tables import rates, worst_client  # noqa: E402
 from tasks import TASKS, Task  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed  # noqa: E402
 
 from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer, partition_dataset  # noqa: E402
+from fed_trainer.client_eval import own_model  # noqa: E402
+
+# Compressed uplinks (`update_compression`, with or without error feedback) on FedAvg and FedIT, at their base
+# method's winning rate (the base runs first): fedavg_int8, fedavg_int8_ef, ..., fedit_nf4_ef
+COMPRESSED = {
+    f"{base}_{fmt}{'_ef' if ef else ''}": (base, dict(update_compression=fmt, compression_error_feedback=ef))
+    for base in ("fedavg", "fedit")
+    for fmt in ("int8", "nf4")
+    for ef in (False, True)
+}
+
 
 METHODS = [
     "fedavg",
@@ -72,6 +88,10 @@ METHODS = [
     "flexlora",
     "fedex_lora",
     "flora",
+    "rolora",
+    "lora_fair",
+    "fedsa_lora",
+    "fed_sb",
     "fedavgm",
     "nesterov",
     "fedadam",
@@ -81,6 +101,7 @@ METHODS = [
     "scaffold",
     "centralized",
     "local_only",
+    *COMPRESSED,
 ]
 STRATEGY = {
     "galore_fedavg": "fedavg",
@@ -111,9 +132,16 @@ VARIANTS = {
 }
 
 
-def strategy_of(method: str) -> str:
+def base_of(method: str) -> str | None:
+    """The method a variant or a compressed method is built on (None for the others)."""
     if method in VARIANTS:
-        return strategy_of(VARIANTS[method][0])
+        return VARIANTS[method][0]
+    return COMPRESSED[method][0] if method in COMPRESSED else None
+
+
+def strategy_of(method: str) -> str:
+    if base_of(method) is not None:
+        return strategy_of(base_of(method))
     return STRATEGY.get(method, method)
 
 
@@ -122,8 +150,8 @@ GALORE_METHODS = ("galore_fedavg", "galore_lowrank", "galore_shared", "galore_sh
 
 def family(method: str) -> str:
     """Which learning-rate grid a method trains with: `lora`, `galore`, `sgd` (plain SGD clients) or `full`."""
-    if method in VARIANTS:
-        return family(VARIANTS[method][0])
+    if base_of(method) is not None:
+        return family(base_of(method))
     if method in GALORE_METHODS:
         return "galore"
     if OPTIONS.get(method, {}).get("optim") == "sgd":
@@ -194,10 +222,41 @@ def seeded_model(task: Task, seed: int):
     return task.model()
 
 
+def label_mix_accuracies(predicted: np.ndarray, labels: np.ndarray, client_labels: list) -> list[float]:
+    """Each client's accuracy on data of its own label mix: the accuracy on every class of the validation set
+    (`predicted` against `labels`), weighted by that class's share of the client's training labels (the expected
+    accuracy on a test set drawn like the client's data; classes absent from the validation set are left out and
+    the weights renormalised)."""
+    classes = int(max(labels.max(), *(max(c) for c in client_labels))) + 1
+    count = np.bincount(labels, minlength=classes)
+    right = np.bincount(labels, weights=(predicted == labels).astype(float), minlength=classes)
+    per_class = np.divide(right, count, where=count > 0, out=np.zeros(classes))
+    shares = [np.bincount(c, minlength=classes) * (count > 0) for c in client_labels]
+    return [float(share @ per_class / share.sum()) for share in shares]
+
+
+def client_accuracies(trainer: Trainer, validation, clients: list) -> list[float]:
+    """`label_mix_accuracies` of the trainer's model for each of `clients` (datasets with a `label` column); of each
+    client's own model where the strategy keeps one per client (FedSA-LoRA's B: `own_model`)."""
+    labels = [c["label"] for c in clients]
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None or not strategy.personal_state(0):
+        output = trainer.predict(validation)
+        return label_mix_accuracies(output.predictions.argmax(-1), output.label_ids, labels)
+    accuracies = []
+    for k, client_labels in enumerate(labels):
+        with own_model(trainer, k):
+            output = trainer.predict(validation)
+        accuracies += label_mix_accuracies(output.predictions.argmax(-1), output.label_ids, [client_labels])
+    return accuracies
+
+
 def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a, alpha, out, extra=None) -> dict:
     """One run at local learning rate `lr` (with `extra` config, a variant's swept option); returns the metric per
-    round, bytes, peak RSS and wall time."""
+    round, the worst client's accuracy (label-skewed classification: `client_accuracies` of the final model, each
+    local-only client's own model), bytes, peak RSS and wall time."""
     key = f"eval_{task.metric}"
+    per_client = task.metric == "accuracy" and task.client_column is None
     common = dict(
         output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=32, learning_rate=lr,
         warmup_steps=0, seed=seed, report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no",
@@ -210,7 +269,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
     start = time.perf_counter()
     with PeakRSS() as rss:
         if method == "local_only":
-            results = []
+            results, own = [], []
             for shard in clients[: a.local_clients]:
                 args = TrainingArguments(max_steps=a.rounds * a.local_steps, eval_strategy="no", **common)
                 trainer = Trainer(
@@ -220,6 +279,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
                 trainer.pop_callback(PrinterCallback)
                 trainer.train()
                 results.append(trainer.evaluate()[key])
+                if per_client:
+                    own += client_accuracies(trainer, validation, [shard])
             per_round, total_bytes = [float(np.mean(results))], 0
         else:
             centralized = method == "centralized"
@@ -228,7 +289,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
                 clients_per_round=None if centralized else a.per_round, num_rounds=a.rounds, eval_every_rounds=1,
                 local_steps=a.local_steps * a.per_round if centralized else a.local_steps,
                 strategy=strategy_of(method), **(task.galore if method in GALORE_METHODS else {}),
-                **OPTIONS.get(method, {}), **(VARIANTS[method][1] if method in VARIANTS else {}), **(extra or {}),
+                **OPTIONS.get(method, {}), **(VARIANTS[method][1] if method in VARIANTS else {}),
+                **(COMPRESSED[method][1] if method in COMPRESSED else {}), **(extra or {}),
                 **common,
             )  # fmt: skip
             trainer = FederatedTrainer(
@@ -241,9 +303,11 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
             output = trainer.train()
             per_round = [e[key] for e in trainer.state.log_history if "round" in e]
             total_bytes = output.metrics["total_bytes_up"] + output.metrics["total_bytes_down"]
+            own = client_accuracies(trainer, validation, clients) if per_client else []
     return {
         "per_round": per_round,
         "final": per_round[-1],
+        "worst_client": min(own) if own else None,
         "best": max(per_round) if task.metric == "accuracy" else min(per_round),
         "total_bytes": total_bytes,
         "peak_rss_mib": rss.peak_mib,
@@ -258,11 +322,13 @@ def rounds_to(task: Task, per_round: list[float], target: float) -> int | None:
 def summarize(task: Task, runs: list[dict], target: float) -> dict:
     finals = [r["final"] for r in runs]
     reached = [rounds_to(task, r["per_round"], target) for r in runs]
+    worst = [r.get("worst_client") for r in runs]
     return {
         "final_mean": statistics.mean(finals),
         "final_std": statistics.pstdev(finals),
         "best_mean": statistics.mean(r["best"] for r in runs),
         "rounds_to_target": None if None in reached else statistics.mean(reached),
+        "worst_client_mean": None if None in worst else statistics.mean(worst),
         "total_bytes": statistics.mean(r["total_bytes"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "wall_s_mean": statistics.mean(r["wall_s"] for r in runs),
@@ -321,6 +387,30 @@ QUICK = {  # --quick: one setting, one seed, few rounds, each method at the firs
 }
 
 
+def setting_name(task: Task, dataset: str, alpha: float | None) -> str:
+    return f"{dataset}/{task.client_column}" if alpha is None else f"{dataset}/alpha={alpha}"
+
+
+SETTINGS = ("clients", "per-round", "rounds", "local-steps", "batch-size", "seq-len", "eval-examples")
+
+
+def earlier_rates(a: argparse.Namespace, first_setting: str) -> dict:
+    """The kept rates of the runs `a.rates_from` names, refused unless each swept `first_setting` with seed 0 and
+    this run's task and settings."""
+    rates = {}
+    for path in a.rates_from:
+        earlier = json.loads(Path(path).read_text())
+        config = earlier["config"]
+        differing = [k for k in ("task", *(n.replace("-", "_") for n in SETTINGS)) if config[k] != getattr(a, k)]
+        if earlier["lr_sweep"]["setting"] != f"{first_setting}, seed 0" or differing:
+            raise ValueError(
+                f"{path} swept {earlier['lr_sweep']['setting']} (settings differing: {differing}), not "
+                f"{first_setting}, seed 0 with this run's settings: its rates do not carry over."
+            )
+        rates.update(earlier["learning_rates"])
+    return rates
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="text", choices=list(TASKS))
@@ -332,8 +422,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="default 3")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--local-clients", type=int, help="clients local_only averages over (default: the task's)")
-    for name in ("clients", "per-round", "rounds", "local-steps", "batch-size", "seq-len", "eval-examples"):
+    for name in SETTINGS:
         p.add_argument(f"--{name}", type=int, help="default: the task's (bench/tasks.py)")
+    p.add_argument(
+        "--rates-from", nargs="+", default=[], metavar="JSON",
+        help="keep each method's rate (a variant's option) from earlier runs' JSON whose sweep ran on this run's "
+        "first setting and seed with the same settings; those methods are not swept again",
+    )  # fmt: skip
     a = p.parse_args()
     task = TASKS[a.task]
     defaults = dict(task.defaults, datasets=list(task.datasets), alphas=[0.1, 1.0], seeds=3)
@@ -357,18 +452,24 @@ def main() -> None:
     started = time.perf_counter()
     commit = git_commit()  # at the start: the code that runs, whatever changes in the tree meanwhile
     sweep: dict = {}
-    bases = {VARIANTS[m][0] for m in a.methods if m in VARIANTS}
+    bases = {base_of(m) for m in a.methods} - {None}
     best_lr = {m: swept(task, m)[1][0] for m in {*a.methods, *bases}}  # the kept value of each swept option
+    earlier = earlier_rates(a, setting_name(task, a.datasets[0], a.alphas[0]))
+    reused = {m: v for m, v in earlier.items() if m in best_lr}
+    best_lr.update(reused)
     raw: dict = {}
     with tempfile.TemporaryDirectory() as out:
         for d_index, name in enumerate(a.datasets):
             train, validation = task.prepare(name, a)
             for a_index, alpha in enumerate(a.alphas):
-                setting = f"{name}/{task.client_column}" if alpha is None else f"{name}/alpha={alpha}"
+                setting = setting_name(task, name, alpha)
                 raw[setting] = {m: [] for m in a.methods}
                 for method in a.methods:
                     for seed in seeds:
                         first = d_index == 0 and a_index == 0 and seed == seeds[0] and not a.quick
+                        first = first and method not in reused and method not in COMPRESSED
+                        if method in COMPRESSED:  # at its base's rate
+                            best_lr[method] = best_lr[COMPRESSED[method][0]]
                         option, grid = swept(task, method)
                         lrs = grid if first else [best_lr[method]]
                         tried = {}
@@ -404,6 +505,7 @@ def main() -> None:
         "lr_grid": task.lr_grid,
         "lr_sweep": {"setting": f"{next(iter(raw))}, seed 0", "final": sweep},
         "learning_rates": best_lr,
+        "rates_from": {"files": a.rates_from, "methods": sorted(reused)},
         "swept_options": {m: swept(task, m)[0] for m in a.methods},
         "target": targets,
         "results": results,
@@ -443,7 +545,8 @@ def kept(method: str, best: dict) -> dict:
 
 def print_table(report: dict) -> None:
     results, targets, metric = report["results"], report["target"], report["metric"]
-    header = f"{'setting':<24} {'method':<24} {'lr':>16} {'final ' + metric:>15} {'best':>6} {'rounds>=tgt':>11} "
+    header = f"{'setting':<24} {'method':<24} {'lr':>16} {'final ' + metric:>15} {'worst':>6} {'best':>6} "
+    header += f"{'rounds>=tgt':>11} "
     header += f"{'MB sent':>10} {'peak MiB':>9} {'wall s':>7}"
     print("\n" + header)
     for setting, methods in results.items():
@@ -451,7 +554,7 @@ def print_table(report: dict) -> None:
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             print(
                 f"{setting:<24} {method:<24} {rates(report, method, s):>16} "
-                f"{s['final_mean']:>8.4f}±{s['final_std']:.4f} {s['best_mean']:>6.3f} "
+                f"{s['final_mean']:>8.4f}±{s['final_std']:.4f} {worst_client(s):>6} {s['best_mean']:>6.3f} "
                 f"{reached:>11} {s['total_bytes'] / 1e6:>10.1f} {s['peak_rss_mib']:>9.0f} {s['wall_s_mean']:>7.1f}"
             )
         rule = "90% of the best final accuracy" if metric == "accuracy" else "110% of the best final loss"

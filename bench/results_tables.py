@@ -40,22 +40,29 @@ def provenance(report: dict) -> str:
     )
 
 
+def worst_client(summary: dict) -> str:
+    """A method's mean worst-client accuracy (bench/compare.py's `client_accuracies`), or "-" where the run did not
+    record one (a loss metric, natural clients, or a JSON from before it was recorded)."""
+    worst = summary.get("worst_client_mean")
+    return "-" if worst is None else f"{worst:.3f}"
+
+
 def table(report: dict) -> str:
     """The results of a compare JSON as a markdown table (the columns bench/compare.py prints)."""
     metric = report["metric"]
     lines = [
         provenance(report),
         "",
-        f"| setting | method | lr | final {metric} | best round | rounds to target | MB sent | peak RSS MiB "
-        "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| setting | method | lr | final {metric} | worst client | best round | rounds to target | MB sent "
+        "| peak RSS MiB | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, methods in report["results"].items():
         for method, s in methods.items():
             reached = "-" if s["rounds_to_target"] is None else f"{s['rounds_to_target']:.1f}"
             lines.append(
                 f"| {setting} | {method} | {rates(report, method, s)} | "
-                f"{s['final_mean']:.4f} ± {s['final_std']:.4f} | "
+                f"{s['final_mean']:.4f} ± {s['final_std']:.4f} | {worst_client(s)} | "
                 f"{s['best_mean']:.3f} | {reached} | {s['total_bytes'] / 1e6:.1f} | {s['peak_rss_mib']:.0f} | "
                 f"{s['wall_s_mean']:.1f} |"
             )

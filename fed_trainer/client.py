@@ -58,6 +58,10 @@ def _shifted(lr_lambda, offset: int, step: int) -> float:
     return lr_lambda(step + offset)
 
 
+def _constant(step: int) -> float:
+    return 1.0
+
+
 class ClientTrainerMixin:
     """What makes a `Trainer` (or a subclass of it) run every client's local steps on the one shared model.
 
@@ -71,6 +75,7 @@ class ClientTrainerMixin:
     schedule_steps: int = 1
     zero_optimizer = None  # under DeepSpeed: the optimizer of the one engine, restarted for every client
     proximal_mu: float = 0.0  # FedProx's mu
+    constant_schedule: bool = False  # the learning rate stays at learning_rate (personalization's steps)
     anchor: tuple[tuple[torch.nn.Parameter, torch.Tensor], ...] = ()  # (trainable weight, value at the client start)
 
     def take_anchor(self) -> None:
@@ -147,6 +152,8 @@ class ClientTrainerMixin:
                     "step-based schedule such as 'linear', 'cosine' or 'constant_with_warmup'."
                 )
             lambdas = [functools.partial(_shifted, f, self.schedule_offset) for f in run_schedule.lr_lambdas]
+            if self.constant_schedule:
+                lambdas = [_constant] * len(lambdas)
             self.lr_scheduler = LambdaLR(optimizer, lambdas)
             self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -235,6 +242,19 @@ class ClientRunner:
         output = trainer.train()
         self.last_learning_rate = trainer._get_learning_rate()
         return output
+
+    def fine_tune(self, dataset: Dataset, client_id, steps: int, seed: int) -> TrainOutput:
+        """`steps` local steps of a client from the model's current weights at the constant `learning_rate`, outside
+        the run's schedule (a client fine-tuning the global model for itself); the round's logged learning rate
+        stays that of its clients."""
+        trainer, last_learning_rate = self.trainer, self.last_learning_rate
+        max_steps, trainer.args.max_steps, trainer.constant_schedule = trainer.args.max_steps, steps, True
+        try:
+            return self.train(dataset, client_id, seed, offset=0, schedule_steps=steps)
+        finally:
+            trainer.args.max_steps, trainer.constant_schedule = max_steps, False
+            self.last_learning_rate = last_learning_rate
+            self.release()
 
     def release(self) -> None:
         """Drop the last client's optimizer and FedProx anchor (they would otherwise live on until the next

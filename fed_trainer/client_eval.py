@@ -4,18 +4,23 @@ population a central eval set stands for.
 Each evaluated round logs, for every metric m of the evaluation (`loss`, and what `compute_metrics` returns),
 `eval_client_<id>_<m>` per client and over the clients `eval_clients_mean_<m>` (weighted by the clients' held-out
 sizes), `eval_clients_worst_<m>` (the highest loss-like value, the lowest other value: Trainer's rule for
-`greater_is_better`) and `eval_clients_std_<m>` (the weighted standard deviation).
+`greater_is_better`) and `eval_clients_std_<m>` (the weighted standard deviation). With `personalization_steps`,
+the same for every client's own fine-tuned model under `eval_personalized_` (the usual "global against
+personalized" report; `personalized_metrics`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from datasets import Dataset
 
 from fed_trainer.schedule import eval_scores
+from fed_trainer.strategies.fedavg import load_parameters
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -31,6 +36,11 @@ def held_out_sets(
     if given is not None and split is not None:
         raise ValueError("Pass client_eval_datasets or set client_eval_split, not both.")
     if given is None and split is None:
+        if args.personalization_steps:
+            raise ValueError(
+                "personalization_steps evaluates each client's fine-tuned model on the client's held-out data: set "
+                "client_eval_split (or pass client_eval_datasets), or drop personalization_steps."
+            )
         return clients, {}
     if not all(isinstance(ds, Dataset) for ds in clients.values()):
         raise ValueError(
@@ -67,27 +77,84 @@ def eval_strategy_for_trainer(args: FederatedConfig, eval_dataset, held_out: dic
     return "no"
 
 
-def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
-    """The global model's metrics on every client's held-out set, and their mean, worst and spread (see the module
-    docstring). Every process takes part (the evaluation of each set is spread over the processes, as `evaluate`
-    spreads an eval set)."""
-    scores = {}
-    for cid, dataset in held_out.items():
-        output = trainer.evaluation_loop(
-            trainer.get_eval_dataloader(dataset), description=f"client {cid}", ignore_keys=ignore_keys,
-            metric_key_prefix="eval",
-        )  # fmt: skip
-        scores[cid] = {k[len("eval_") :]: float(v) for k, v in eval_scores(output.metrics).items()}
+@contextmanager
+def own_model(trainer: FederatedTrainer, cid):
+    """Inside: the live model is client `cid`'s own (the strategy's `personal_state` loaded over the global model;
+    the global model itself for most strategies); put back on leaving."""
+    personal, model = trainer.strategy.personal_state(cid), trainer.model
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in personal}
+    load_parameters(model, personal)
+    try:
+        yield
+    finally:
+        load_parameters(model, saved)
+
+
+def client_scores(trainer: FederatedTrainer, dataset: Dataset, cid, ignore_keys=None) -> dict[str, float]:
+    """Client `cid`'s own model's metrics on its held-out set, without the `eval_` prefix. Every process takes
+    part (the set is spread over the processes, as `evaluate` spreads an eval set)."""
+    with own_model(trainer, cid):
+        return plain_scores(trainer, dataset, cid, ignore_keys)
+
+
+def plain_scores(trainer: FederatedTrainer, dataset: Dataset, cid, ignore_keys=None) -> dict[str, float]:
+    """The live model's metrics on client `cid`'s held-out set, without the `eval_` prefix."""
+    output = trainer.evaluation_loop(
+        trainer.get_eval_dataloader(dataset), description=f"client {cid}", ignore_keys=ignore_keys,
+        metric_key_prefix="eval",
+    )  # fmt: skip
+    return {k[len("eval_") :]: float(v) for k, v in eval_scores(output.metrics).items()}
+
+
+def summary(scores: dict[object, dict[str, float]], held_out: dict[object, Dataset], prefix: str) -> dict:
+    """Every client's metrics and their mean, worst and spread over the clients (see the module docstring), as
+    `<prefix>client_<id>_<m>` and `<prefix>clients_mean_<m>`, ..."""
     sizes = np.array([len(held_out[cid]) for cid in scores], dtype=float)
     weights = sizes / sizes.sum()
-    logs = {f"eval_client_{cid}_{name}": value for cid, values in scores.items() for name, value in values.items()}
+    logs = {f"{prefix}client_{cid}_{name}": value for cid, values in scores.items() for name, value in values.items()}
     for name in next(iter(scores.values())):
         values = np.array([scores[cid][name] for cid in scores])
         mean = float(weights @ values)
-        logs[f"eval_clients_mean_{name}"] = mean
-        logs[f"eval_clients_worst_{name}"] = float(values.max() if name.endswith("loss") else values.min())
-        logs[f"eval_clients_std_{name}"] = float(np.sqrt(weights @ (values - mean) ** 2))
+        logs[f"{prefix}clients_mean_{name}"] = mean
+        logs[f"{prefix}clients_worst_{name}"] = float(values.max() if name.endswith("loss") else values.min())
+        logs[f"{prefix}clients_std_{name}"] = float(np.sqrt(weights @ (values - mean) ** 2))
     return logs
+
+
+def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
+    """Every client's own model (the global one, for most strategies) on its held-out set: `eval_client_<id>_<m>`,
+    `eval_clients_mean_<m>`, ..."""
+    scores = {cid: client_scores(trainer, dataset, cid, ignore_keys) for cid, dataset in held_out.items()}
+    return summary(scores, held_out, "eval_")
+
+
+def personalized_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
+    """Every client's own model, `personalization_steps` local steps from the global model (from the client's own,
+    for a strategy with `personal_state`) on its training data, on its held-out set:
+    `eval_personalized_client_<id>_<m>`, `eval_personalized_clients_mean_<m>`, ...
+
+    The steps train what the global model has trainable (all weights, or the adapters a LoRA strategy left
+    attached), with the client trainer and its optimizer at the constant `learning_rate`, seeded by the client's
+    position. The trainable weights and floating buffers are copied to the host first and put back after each
+    client, so the global model is unchanged. Under client-parallel training every process fine-tunes every client
+    alike (the evaluation of each set is spread over the processes).
+    """
+    model, steps = trainer.model, trainer.args.personalization_steps
+    changing = [p for p in model.parameters() if p.requires_grad]
+    changing += [b for b in model.buffers() if b.is_floating_point()]
+    saved = [t.detach().to("cpu", copy=True) for t in changing]
+    scores = {}
+    for position, (cid, dataset) in enumerate(held_out.items()):
+        try:
+            with own_model(trainer, cid):
+                trainer.client_runner.fine_tune(trainer.client_datasets[cid], cid, steps, trainer.args.seed + position)
+                scores[cid] = plain_scores(trainer, dataset, cid, ignore_keys)
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(changing, saved, strict=True):
+                    tensor.copy_(value)
+    return summary(scores, held_out, "eval_personalized_")
 
 
 def evaluate_round(trainer: FederatedTrainer, logs: dict, ignore_keys=None) -> None:
@@ -96,6 +163,8 @@ def evaluate_round(trainer: FederatedTrainer, logs: dict, ignore_keys=None) -> N
     callbacks hear; without an eval_dataset, the callbacks' `on_evaluate` gets the clients' metrics."""
     if trainer.client_eval_datasets:
         logs.update(per_client_metrics(trainer, trainer.client_eval_datasets, ignore_keys))
+        if trainer.args.personalization_steps:
+            logs.update(personalized_metrics(trainer, trainer.client_eval_datasets, ignore_keys))
     if trainer.eval_dataset is None:  # EarlyStoppingCallback and the others hear the clients' metrics
         trainer.control = trainer.callback_handler.on_evaluate(
             trainer.args, trainer.state, trainer.control, metrics=eval_scores(logs)

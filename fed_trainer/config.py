@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from fed_trainer.compression import FORMATS as COMPRESSION_FORMATS
 from fed_trainer.distributed import launched_with
 from fed_trainer.schedule import resolve_intervals, resolve_run_length
 from fed_trainer.server_optimizer import (
@@ -135,6 +136,15 @@ class FederatedConfig(TrainingArguments):
             "eval_clients_mean_/worst_/std_<metric> (or pass client_eval_datasets to the trainer)."
         },
     )
+    personalization_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also evaluate, in each evaluated round, every client's own model: N local steps from the "
+            "global model on its training data (at learning_rate, constant), evaluated on its held-out set "
+            "(eval_personalized_client_<id>_<metric>, eval_personalized_clients_mean_/worst_/std_<metric>); the "
+            "global model is not changed. Needs client_eval_split or client_eval_datasets. 0: off."
+        },
+    )
     aggregation_rule: str = field(
         default="mean",
         metadata={
@@ -162,6 +172,36 @@ class FederatedConfig(TrainingArguments):
         },
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "The delta at which the privacy spent is reported."})
+    server_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "The dtype of the server's copy of a bfloat16/float16 model's global weights: 'float32' (a "
+            "master copy: updates below the 16-bit resolution add up over rounds; messages still travel in the "
+            "model's dtype) or 'model' (the model's own dtype: half the server memory, such updates are rounded "
+            "away every round). The running sum and server optimizer state are float32 either way.",
+            "choices": ["float32", "model"],
+        },
+    )
+    update_compression: str = field(
+        default="none",
+        metadata={
+            "help": "How every client payload travels: 'none', 'bf16', 'int8' (bitsandbytes' 8-bit blockwise) or "
+            "'nf4' (4-bit NormalFloat, blockwise); a tensor the server sent too travels as its difference from it. "
+            "The logged bytes are the compressed ones (fed_trainer.compression).",
+            "choices": list(COMPRESSION_FORMATS),
+        },
+    )
+    compression_block_size: int = field(
+        default=64,
+        metadata={"help": "Values per absmax scale for 'int8' and 'nf4'.", "choices": [64, 128, 256, 512, 1024]},
+    )
+    compression_error_feedback: bool = field(
+        default=False,
+        metadata={
+            "help": "Each client adds its last compression's residual to its next payload before compressing it, "
+            "so what the server receives over rounds tracks the uncompressed updates."
+        },
+    )
     server_optimizer: str = field(
         default="none",
         metadata={
@@ -241,6 +281,13 @@ class FederatedConfig(TrainingArguments):
             )
         if self.client_eval_split is not None and not 0 < self.client_eval_split < 1:
             raise ValueError(f"client_eval_split must be in (0, 1), got {self.client_eval_split}.")
+        if self.personalization_steps < 0:
+            raise ValueError(f"personalization_steps must be >= 0, got {self.personalization_steps}.")
+        if self.personalization_steps and deepspeed_zero_stage(self.deepspeed) > 0:
+            raise ValueError(
+                "personalization_steps restores the global weights after each client's fine-tuning, which DeepSpeed "
+                "ZeRO keeps in partitions: drop personalization_steps, or the DeepSpeed config."
+            )
         if self.aggregation_rule not in AGGREGATION_RULES:
             raise ValueError(f"aggregation_rule must be one of {AGGREGATION_RULES}, got {self.aggregation_rule!r}.")
         if not 0 <= self.trim_fraction < 0.5:
@@ -249,6 +296,9 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(f"update_clip_norm must be positive, got {self.update_clip_norm}.")
         self._check_privacy()
         self._check_server_optimizer()
+        self._check_compression()
+        if self.server_dtype not in ("float32", "model"):
+            raise ValueError(f"server_dtype must be 'float32' or 'model', got {self.server_dtype!r}.")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}.")
         if not 1 <= self.min_clients_per_round <= self.clients_sampled_per_round:
@@ -325,6 +375,22 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(
                 "DP-FedAvg needs client_weighting='uniform' and aggregation_rule='mean': with example-count weights "
                 "one client's influence, and so the noise needed, is unbounded."
+            )
+
+    def _check_compression(self) -> None:
+        if self.update_compression not in COMPRESSION_FORMATS:
+            raise ValueError(
+                f"update_compression must be one of {COMPRESSION_FORMATS}, got {self.update_compression!r}."
+            )
+        if self.compression_block_size not in (64, 128, 256, 512, 1024):
+            raise ValueError(f"compression_block_size must be 64, 128, 256, 512 or 1024, got "
+                             f"{self.compression_block_size}.")  # fmt: skip
+        if self.update_compression == "none" and self.compression_error_feedback:
+            raise ValueError("compression_error_feedback needs update_compression ('bf16', 'int8' or 'nf4').")
+        if self.update_compression != "none" and deepspeed_zero_stage(self.deepspeed) > 0:
+            raise ValueError(
+                "update_compression under DeepSpeed ZeRO is not supported (the payloads are partitions): drop "
+                "update_compression, or the DeepSpeed config."
             )
 
     def _check_server_optimizer(self) -> None:

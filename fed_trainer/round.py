@@ -81,6 +81,7 @@ class Round:
         self.accepted: list = []  # clients whose update went into the aggregate
         self.rejected: list = []  # clients whose update held NaN or Inf
         self.bytes_up = self.bytes_down = 0
+        self.messages: dict = {}  # the messages sent, while their replies are awaited (compressed payloads only)
 
     def plan(self, position: int) -> ClientPlan:
         """How the client at `position` in the round's sample trains."""
@@ -95,12 +96,16 @@ class Round:
         """The server's message to `client_id` this round (its bytes counted)."""
         message = self.strategy.server_message(client_id)
         self.bytes_down += self.strategy.traffic_bytes(message)
+        if self.strategy.compressor is not None:  # its reply is decoded against it
+            self.messages[client_id] = message
         return message
 
     def receive(self, client_id, payload: TensorDict, loss: float) -> None:
-        """A client's reply (its bytes counted): aggregated, or rejected if it holds NaN or Inf."""
+        """A client's reply (its bytes counted, as it travelled): aggregated, or rejected if it holds NaN or Inf."""
         self.losses[client_id] = loss
         self.bytes_up += self.strategy.traffic_bytes(payload)
+        if self.strategy.compressor is not None:
+            payload = self.strategy.compressor.decoded(payload, self.messages.pop(client_id))
         bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
         if self.strategy.sharded and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards
             bad = bad or "another rank's shard"
@@ -138,10 +143,15 @@ class Round:
         kept = [cid for cid in self.client_ids if cid in set(outcome["accepted"])]
         if len(kept) < self.args.min_clients_per_round:
             self.abandon(outcome)
+        compressor = self.strategy.compressor
         if is_client_parallel(self.args):
             self.strategy.synchronize()
+            if compressor is not None:
+                compressor.synchronize()
         model = self.trainer.model
         self.strategy.finish_round(model)
+        if compressor is not None:
+            compressor.finish_round()
         reload_partitions(self.trainer.client_runner.engine)
         self.trainer.state.global_step = self.number * self.steps_per_round
         logs = {
@@ -214,7 +224,10 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
     try:
         output = runner.train(dataset, client_id, **asdict(plan))
         fire(trainer, "on_client_end", **event, metrics=output.metrics, optimizer=runner.trainer.optimizer)
-        return strategy.client_payload(model, client_id), output
+        payload = strategy.client_payload(model, client_id)
+        if strategy.compressor is not None:
+            payload = strategy.compressor.encoded(payload, message, client_id)
+        return payload, output
     finally:
         runner.release()
 
@@ -228,9 +241,13 @@ def remote_update(
     trainers). Returns (payload, `TrainOutput`, what to keep for the next round)."""
     strategy = trainer.strategy
     strategy.begin_round(round_number)  # fresh LoRA factors are seeded by round
+    compressor = strategy.compressor
+    if compressor is not None:
+        compressor.catch_up(kept)
     kept = strategy.catch_up(trainer.model, message, kept)
     payload, output = local_update(trainer, client_id, trainer.client_datasets[client_id], message, plan)
-    return payload, output, {**kept, **strategy.client_state(client_id)}
+    residual = {} if compressor is None else compressor.client_state(client_id)
+    return payload, output, {**kept, **strategy.client_state(client_id), **residual}
 
 
 class InProcessClients:

@@ -25,8 +25,13 @@ TWO_RANK_OPTIONS = {
     "fedavg": dict(clients_per_round=None),  # all 3 clients; client 1 raises in round 2 (tests/contract_ranks.py)
     # every round evaluated on each client's held-out quarter (2, 4 and 6 examples), each set spread over the ranks as
     # evaluate() spreads an eval set; one example a batch, so no rank pads its last batch with repeated examples
-    # (whose losses Trainer's distributed eval_loss would include, as it does for evaluate())
-    "ffa_lora": dict(client_eval_split=0.25, eval_strategy="epoch", per_device_eval_batch_size=1),
+    # (whose losses Trainer's distributed eval_loss would include, as it does for evaluate()); and each client's
+    # model fine-tuned 2 steps from the global one (every rank fine-tunes every client alike)
+    "ffa_lora": dict(
+        client_eval_split=0.25, eval_strategy="epoch", per_device_eval_batch_size=1, personalization_steps=2
+    ),
+    # nf4 uplinks with error feedback: each client's residual follows it from rank to rank
+    "scaffold": dict(update_compression="nf4", compression_error_feedback=True),
 }
 
 

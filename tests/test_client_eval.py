@@ -1,8 +1,11 @@
 """The global model evaluated on every client's own held-out data: each client's metrics equal a plain `Trainer`'s
 evaluation of that client's set, and the summary over clients is their weighted mean, worst and spread."""
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_bert, toy_dataset
 from transformers import Trainer, TrainingArguments
 
@@ -67,11 +70,53 @@ def test_the_best_round_can_be_the_one_that_serves_the_worst_client_best(make_co
     assert trainer.state.best_model_checkpoint.endswith(f"round-{min(worst, key=worst.get)}")
 
 
+def test_personalized_metrics_are_each_clients_fine_tuned_global_model_which_stays_unchanged(make_config, tmp_path):
+    steps, config = 4, dict(eval_strategy="epoch", learning_rate=3e-3, warmup_steps=1)
+    runs = [
+        FederatedTrainer(
+            model=tiny_bert(dropout=0.0),
+            args=make_config(**config, personalization_steps=n),
+            client_datasets=CLIENTS,
+            client_eval_datasets=HELD_OUT,
+            compute_metrics=accuracy,
+        )  # fmt: skip
+        for n in (steps, 0)
+    ]
+    for run in runs:
+        run.train()
+    personalized, plain_run = runs
+    # the global model, and its metrics, are those of the run without personalization
+    expected_state = plain_run.model.state_dict()
+    for name, value in personalized.model.state_dict().items():
+        assert torch.equal(value, expected_state[name]), name
+    last, plain_last = ([e for e in run.state.log_history if "round" in e][-1] for run in runs)
+    assert {k: v for k, v in last.items() if "personalized" not in k} == plain_last
+    # each client's: a plain Trainer fine-tuning the global model on the client's training set, evaluated on its own
+    for k, (train, held_out) in enumerate(zip(CLIENTS, HELD_OUT)):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"plain{k}"), max_steps=steps, learning_rate=3e-3, lr_scheduler_type="constant",
+            per_device_train_batch_size=4, seed=7 + k, use_cpu=True, report_to="none", disable_tqdm=True,
+        )  # fmt: skip
+        model = copy.deepcopy(plain_run.merged_model())  # (FedAvg's merged model is the live one)
+        plain = Trainer(model=model, args=args, train_dataset=train, compute_metrics=accuracy)
+        plain.train()
+        for name, value in plain.evaluate(eval_dataset=held_out).items():
+            if name in ("eval_loss", "eval_accuracy"):
+                got = last[name.replace("eval_", f"eval_personalized_client_{k}_")]
+                assert got == pytest.approx(value, rel=1e-5), (k, name)
+        assert last[f"eval_personalized_client_{k}_loss"] != last[f"eval_client_{k}_loss"]  # it did train
+    sizes = np.array([len(ds) for ds in HELD_OUT]) / sum(len(ds) for ds in HELD_OUT)
+    losses = [last[f"eval_personalized_client_{k}_loss"] for k in range(3)]
+    assert last["eval_personalized_clients_mean_loss"] == pytest.approx(float(sizes @ losses), rel=1e-6)
+    assert last["eval_personalized_clients_worst_loss"] == max(losses)
+
+
 @pytest.mark.parametrize(
     "config, eval_sets, message",
     [
         (dict(), HELD_OUT[:2], "one dataset per client"),
         (dict(client_eval_split=0.2), HELD_OUT, "client_eval_datasets or set client_eval_split, not both"),
+        (dict(personalization_steps=2), None, "personalization_steps evaluates .* set client_eval_split"),
     ],
 )
 def test_bad_client_eval_sets_are_refused(make_config, config, eval_sets, message):

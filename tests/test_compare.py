@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +23,14 @@ def run_compare(monkeypatch, tmp_path, *args) -> dict:
 def test_compare_writes_results_sweep_and_plots(tmp_path, monkeypatch):
     report = run_compare(
         monkeypatch, tmp_path, "--datasets", "bbc", "--alphas", "1.0", "--seeds", "1", "--methods", "fedavg",
-        "ffa_lora", "local_only", "--rounds", "2", "--local-steps", "1", "--clients", "3", "--per-round", "2",
+        "ffa_lora", "local_only", "fedavg_nf4_ef",
+        "--rounds", "2", "--local-steps", "1", "--clients", "3", "--per-round", "2",
         "--eval-examples", "16", "--seq-len", "16",
     )  # fmt: skip
     results = report["results"]["bbc/alpha=1.0"]
+    compressed = results.pop("fedavg_nf4_ef")  # not swept: at fedavg's rate, on nf4 uplinks
+    assert compressed["learning_rate"] == results["fedavg"]["learning_rate"]
+    assert compressed["total_bytes"] < results["fedavg"]["total_bytes"]
     assert report["metric"] == "accuracy" and set(results) == {"fedavg", "ffa_lora", "local_only"}
     assert set(report["lr_sweep"]["final"]) == {"fedavg", "ffa_lora", "local_only"}
     families = {"fedavg": "full", "local_only": "full", "ffa_lora": "lora"}
@@ -33,6 +38,7 @@ def test_compare_writes_results_sweep_and_plots(tmp_path, monkeypatch):
         assert [float(lr) for lr in lrs] == report["lr_grid"][families[method]]
         assert str(report["learning_rates"][method]) in {str(float(lr)) for lr in lrs}
     assert len(results["fedavg"]["per_round_mean"]) == 2
+    assert all(results[m]["worst_client_mean"] is not None for m in results)
     assert results["ffa_lora"]["total_bytes"] < results["fedavg"]["total_bytes"]
     assert results["local_only"]["total_bytes"] == 0
     assert (tmp_path / "accuracy_per_round.png").stat().st_size > 0
@@ -56,4 +62,12 @@ def test_compare_runs_the_instruct_and_vision_tasks(tmp_path, monkeypatch, task,
     assert report["metric"] == ("loss" if task == "instruct" else "accuracy")
     assert results["flexlora"]["total_bytes"] < results["fedavg"]["total_bytes"]
     metric = report["metric"]
+    assert (results["fedavg"]["worst_client_mean"] is None) == (task == "instruct")  # natural clients, a loss
     assert (tmp_path / f"{metric}_per_round.png").exists() and (tmp_path / f"{metric}_vs_bytes.png").exists()
+
+
+def test_a_clients_accuracy_weighs_the_per_class_accuracies_by_its_label_mix():
+    labels, predicted = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])  # per class: 1/2, 1, 0
+    clients = [[0, 0, 0, 1], [2, 2], [3, 1], [0, 1, 2]]  # class 3 is not in the validation set: left out
+    got = compare.label_mix_accuracies(predicted, labels, clients)
+    assert got == pytest.approx([0.75 * 0.5 + 0.25 * 1.0, 0.0, 1.0, (0.5 + 1.0 + 0.0) / 3])

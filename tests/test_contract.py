@@ -225,10 +225,11 @@ def test_two_client_parallel_ranks_end_with_the_global_model_of_one_process(two_
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a.get("num_clients_dropped") == b.get("num_clients_dropped")
-        evaluated = {key: value for key, value in a.items() if key.startswith("eval_client")}
+        evaluated = {key: value for key, value in a.items() if key.startswith(("eval_client", "eval_personalized"))}
         assert {key: b[key] for key in evaluated} == pytest.approx(evaluated, abs=1e-6)
     if "client_eval_split" in TWO_RANK_OPTIONS.get(name, {}):
         assert all("eval_clients_mean_loss" in entry for entry in two)
+        assert all("eval_personalized_clients_mean_loss" in entry for entry in two)
     if failing:
         assert [entry.get("num_clients_dropped") for entry in two] == [None, 1, None]
     # checkpoints written by the main process alone (two writers would race on the round-N.partial folders)

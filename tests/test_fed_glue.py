@@ -112,8 +112,20 @@ def lora_weights_moved_only_where_targeted(directory: Path, targets: list[str]) 
         assert torch.equal(value, base[name]) != targeted, name
 
 
+def test_the_fedsa_lora_recipe_serves_each_client_with_its_own_b(tmp_path):
+    """Each client's own model (shared A, its B) learns its topics; the shared model alone (B = 0) does not."""
+    recipe = str(ROOT / "recipes" / "fedsa_lora.yaml")
+    flags = ["--learning_rate", "1e-2", "--client_eval_split", "0.25", "--output_dir", str(tmp_path)]
+    shared = fed_glue.main([recipe, *LEARNS, *flags])["eval_accuracy"]
+    rounds = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "round" in e]
+    own = rounds[-1]["eval_clients_mean_accuracy"]
+    assert own > majority_fraction() + MARGIN and own > shared + MARGIN, (own, shared)
+
+
 # LoRA learns at a higher rate than the recipes' (tuned for 5 rounds of 10 steps): 1e-2 in this short run.
-@pytest.mark.parametrize("strategy", ["fedit", "ffa_lora", "rolora", "lora_fair", "fedex_lora", "flora", "flexlora"])
+@pytest.mark.parametrize(
+    "strategy", ["fedit", "ffa_lora", "rolora", "lora_fair", "fed_sb", "fedex_lora", "flora", "flexlora"]
+)
 def test_every_lora_recipe_runs_the_example(tmp_path, strategy):
     recipe = str(ROOT / "recipes" / f"{strategy}.yaml")
     ranks = ["--lora_ranks", "2", "4"] if strategy in ("flora", "flexlora") else []  # LEARNS has 2 clients

@@ -155,16 +155,17 @@ def test_a_quantized_run_resumes_where_the_uninterrupted_run_ends(llama_path, tm
 
 
 @pytest.mark.parametrize("name", registered(built_in=True))
-def test_strategies_that_would_write_into_a_quantized_base_are_refused(llama_path, name, tmp_path):
+def test_strategies_that_would_write_into_or_read_a_quantized_base_are_refused(llama_path, name, tmp_path):
     caps = registered()[name].capabilities
     build = lambda: FederatedTrainer(  # noqa: E731
         model=quantized(llama_path, "4-bit nf4"), args=fed_config(tmp_path, num_clients=2, strategy=name),
         client_datasets=[copy_task(8, 0), copy_task(8, 1)], peft_config=LORA if caps.lora else None,
     )  # fmt: skip
-    if caps.lora and not caps.folds_into_base:
+    if caps.lora and not caps.folds_into_base and not caps.reads_base:
         build()
         return
-    refused = r"4-bit nf4 base cannot hold.*\['fedit', 'ffa_lora', 'lora_fair', 'rolora'\].*quantization_config"
+    adapters_only = r"\['fedit', 'ffa_lora', 'fedsa_lora', 'lora_fair', 'rolora'\]"
+    refused = rf"4-bit nf4 base cannot hold.*{adapters_only}.*quantization_config"
     with pytest.raises(ValueError, match=refused):
         build()
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from fed_trainer.compression import UpdateCompressor
 from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
 from fed_trainer.server_optimizer import ServerOptimizer
 from fed_trainer.strategies.capabilities import Capabilities
@@ -50,6 +51,7 @@ class Strategy(ABC):
         self.sharded = False  # whether the model's parameters are ZeRO-3 partitions (see `on_model_sharded`)
         self.round_number = 0  # the round in progress (set by `begin_round`)
         self.server_optimizer: ServerOptimizer | None = None  # the server's step on round updates (`setup`)
+        self.compressor: UpdateCompressor | None = None  # how payloads travel (`update_compression`; `setup`)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
@@ -58,6 +60,7 @@ class Strategy(ABC):
         """
         self.args = args
         self.server_optimizer = ServerOptimizer.from_args(args)
+        self.compressor = UpdateCompressor.from_args(args)
         return model
 
     def client_callbacks(self) -> list:
@@ -102,6 +105,12 @@ class Strategy(ABC):
         """On a client that runs on its own machine, after its payload was taken: what it keeps for its next round
         beyond what `catch_up` kept (merged over it); nothing by default. (The simulation keeps such state in the
         strategy itself.)"""
+        return {}
+
+    def personal_state(self, client_id) -> TensorDict:
+        """The tensors that make the live global model client `client_id`'s own (FedSA-LoRA: its B), loaded over it
+        to evaluate that client (`fed_trainer.client_eval`); none by default: the global model serves every
+        client."""
         return {}
 
     def begin_round(self, round_number: int) -> None:
@@ -155,17 +164,23 @@ class Strategy(ABC):
         partition of it under ZeRO-3); None for state that is whole on every rank."""
         return None
 
+    def whole_state(self, name: str, shard: torch.Tensor) -> torch.Tensor:
+        """Server state `name` whole, for a checkpoint (gathered from the ranks' partitions under ZeRO-3)."""
+        param = self.server_parameter(name)
+        return shard if param is None else whole(shard, param)
+
+    def own_state(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole server state `name` from a checkpoint (all of it without ZeRO-3)."""
+        param = self.server_parameter(name)
+        return value if param is None else own_part(param, value.to(param.device))
+
     def state_dict(self) -> dict:
         """What the strategy needs, beyond the live model's weights, to continue a run (saved in round
         checkpoints); tensors only in plain containers. Called on every process (under ZeRO-3 it may gather)."""
+        state = {} if self.compressor is None else {"compression": self.compressor.state_dict()}
         if self.server_optimizer is None:
-            return {}
-
-        def gathered(name: str, shard: torch.Tensor) -> torch.Tensor:
-            param = self.server_parameter(name)
-            return shard if param is None else whole(shard, param)
-
-        return {"server_optimizer": self.server_optimizer.state_dict(gathered)}
+            return state
+        return {**state, "server_optimizer": self.server_optimizer.state_dict(self.whole_state)}
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         """Resume: load the checkpoint's `model_state` into `model` and restore `state` from `state_dict()`."""
@@ -176,13 +191,10 @@ class Strategy(ABC):
                 "server_optimizer, or start a new run."
             )
         load_whole_state(model, model_state)
+        if self.compressor is not None and "compression" in state:  # (a run that compressed nothing before has none)
+            self.compressor.load_state_dict(state["compression"])
         if self.server_optimizer is not None:
-
-            def part(name: str, value: torch.Tensor) -> torch.Tensor:
-                param = self.server_parameter(name)
-                return value if param is None else own_part(param, value.to(param.device))
-
-            self.server_optimizer.load_state_dict(state["server_optimizer"], part)
+            self.server_optimizer.load_state_dict(state["server_optimizer"], self.own_state)
 
     def merged_model(self, model: nn.Module) -> nn.Module:
         """The global model as a plain transformers model (strategies with adapters fold them in)."""

@@ -32,6 +32,8 @@ class Capabilities:
         undo_round: can put the last global model back when a round is abandonned (`min_clients_per_round`).
         folds_into_base: adds its updates into the base weights (so it refuses a quantized base: 4/8-bit weights
             cannot take them).
+        reads_base: computes its adapters from the base weights' full-precision values (so it refuses a quantized
+            base).
         local_optimizer: the `optim` its clients must train with, or None for any.
         server_optimizer: a server optimizer (`server_optimizer`, FedAdam and its kin) can step its round update.
     """
@@ -44,6 +46,7 @@ class Capabilities:
     flower: bool = True
     undo_round: bool = False
     folds_into_base: bool = False
+    reads_base: bool = False
     local_optimizer: str | None = None
     server_optimizer: bool = False
 
@@ -62,6 +65,7 @@ COLUMNS = {
     "flower": ("Flower", "Flower SuperNodes"),
     "undo_round": ("undoes an abandoned round", "undoing an abandoned round"),
     "folds_into_base": ("folds updates into base weights", "folding updates into base weights"),
+    "reads_base": ("adapters from base weights", "adapters computed from the base weights"),
     "local_optimizer": ("client optimizer", "a client optimizer"),
     "server_optimizer": ("server optimizer", "a server optimizer (server_optimizer)"),
 }
@@ -113,9 +117,16 @@ def check_capabilities(
             f"model is a PeftModel but strategy {strategy.name!r} averages full weights: pass the base model with "
             "peft_config=LoraConfig(...) and a LoRA strategy such as 'fedit', or merge the adapter first."
         )
-    if quantized and (not caps.lora or caps.folds_into_base):
-        adapters_only = [n for n in supporting("lora") if not registered()[n].capabilities.folds_into_base]
-        changes = "trains full weights" if not caps.lora else "adds its updates into the base weights"
+    if quantized and (not caps.lora or caps.folds_into_base or caps.reads_base):
+        adapters_only = [
+            n for n, c in registered().items()
+            if c.capabilities.lora and not c.capabilities.folds_into_base and not c.capabilities.reads_base
+        ]  # fmt: skip
+        changes = (
+            "trains full weights" if not caps.lora
+            else "adds its updates into the base weights" if caps.folds_into_base
+            else "computes its adapters from the full-precision base weights"
+        )  # fmt: skip
         raise ValueError(
             f"strategy {strategy.name!r} {changes}, which a {quantized} base cannot hold: train LoRA adapters with a "
             f"strategy that leaves the base untouched ({adapters_only}), or load the model without "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from fed_trainer.distributed import all_gather_tensors
@@ -19,6 +20,20 @@ from fed_trainer.zero import local_shard
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
+
+
+def master_copy(tensor: torch.Tensor, server_dtype: str) -> torch.Tensor:
+    """The server's copy of a global tensor: float32 for a bfloat16/float16 one unless `server_dtype` is "model"."""
+    wide = server_dtype == "float32" and tensor.dtype in (torch.bfloat16, torch.float16)
+    return tensor.detach().to(torch.float32 if wide else tensor.dtype, copy=True)
+
+
+def load_parameters(model: nn.Module, tensors: TensorDict) -> None:
+    """Copy `tensors` into the parameters of `model` of the same names (a part of its state, in place)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
 
 
 def trainable_state(model: nn.Module) -> TensorDict:
@@ -54,9 +69,19 @@ class FedAvg(Strategy):
         return model
 
     def _take_global_state(self, model: nn.Module) -> None:
-        self.global_state = {name: t.detach().clone() for name, t in self.averaged_state(model).items()}
+        averaged = self.averaged_state(model)
+        # what travels: each tensor in the live model's dtype; what the server keeps: a float32 master copy of a
+        # bfloat16/float16 tensor unless server_dtype="model" (rounding the global model to 16 bits every round
+        # loses the updates smaller than its resolution, which the average of a few clients often is)
+        self.sent_dtypes = {name: t.dtype for name, t in averaged.items()}
+        self.global_state = {name: master_copy(t, self.args.server_dtype) for name, t in averaged.items()}
         # the averaged parameters (not buffers such as BatchNorm statistics, which take the plain average)
         self.averaged_parameters = {name: p for name, p in model.named_parameters() if name in self.global_state}
+
+    @property
+    def keeps_master(self) -> bool:
+        """Whether the global state is kept in a wider dtype than the live model's (a float32 master copy)."""
+        return any(t.dtype != self.sent_dtypes[name] for name, t in self.global_state.items())
 
     def server_parameter(self, name: str):
         return self.averaged_parameters.get(name)
@@ -88,13 +113,24 @@ class FedAvg(Strategy):
             device = next(iter(self.global_state.values())).device
             self._kept = [payload for part in all_gather_tensors(self._kept, device) for payload in part]
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.keeps_master:  # the live model holds it rounded
+            state["global_master"] = {name: self.whole_state(name, t) for name, t in self.global_state.items()}
+        return state
+
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)
+        if "global_master" in state and self.keeps_master:
+            for name, value in state["global_master"].items():
+                self.global_state[name].copy_(self.own_state(name, value))
+            return
         for name, value in self.averaged_state(model).items():  # between rounds the live model is the global one
             self.global_state[name].copy_(value)
 
     def server_message(self, client_id) -> TensorDict:
-        return dict(self.global_state)
+        """The global state in the live model's dtypes (a copy of a master tensor, the tensor itself otherwise)."""
+        return {name: t.to(self.sent_dtypes[name]) for name, t in self.global_state.items()}
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         """Copy the averaged tensors of `message` into `model` (other entries are the subclass's to load)."""
@@ -124,6 +160,9 @@ class FedAvg(Strategy):
         for name, value in self.global_state.items():
             if name not in aggregate:  # not sent this round (RoLoRA's frozen factor): unchanged
                 continue
+            if value.dtype != self.sent_dtypes[name]:  # a master copy: it moves by the clients' mean update from
+                sent = value.to(self.sent_dtypes[name]).float()  # the rounded weights they started from
+                aggregate[name] = value + (aggregate[name].to(value.device) - sent)
             if optimizer is not None and self.stepped(name):
                 value.copy_(optimizer.moved(name, value, aggregate[name]))
             else:

@@ -153,7 +153,7 @@ class GaLoreLowRank(FedAvg):
         for name, start in self.global_state.items():
             if name in dense:
                 continue
-            weight, j = start.float(), 0
+            weight, j = start.to(self.sent_dtypes[name]).float(), 0  # as the client got it
             while message_key(name, "c", period=j) in payload:
                 factor = payload[message_key(name, "R", period=j)].float()
                 left, right = (payload.get(message_key(name, side, period=j)) for side in ("left", "right"))

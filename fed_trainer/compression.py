@@ -1,0 +1,156 @@
+"""Compressed client payloads (`update_compression`), with optional error feedback.
+
+Every floating tensor of a client's payload travels compressed: as its difference from the tensor of the same name
+in the server's message when there is one (a weight's update, not the weight: updates are small and centred, so
+blockwise scales fit them), else as it is. Formats:
+
+- `bf16`: bfloat16, 2 bytes a value.
+- `int8`: bitsandbytes' 8-bit blockwise quantization (`quantize_blockwise`: each block of `compression_block_size`
+  values scaled by its absmax, then rounded to the nearest of its 256-value dynamic code), 1 byte a value plus a
+  float32 absmax a block.
+- `nf4`: bitsandbytes' 4-bit NormalFloat (`quantize_4bit`, quant_type "nf4": absmax-scaled blocks rounded to the
+  16 NF4 levels), half a byte a value plus a float32 absmax a block.
+
+A compressed tensor is sent as `<name>|<format>` (the values) with `<name>|absmax` (the blocks' scales) and
+`<name>|shape` (int64, so the server can undo a flattening); the logged bytes are those tensors', exactly. The
+server decodes the payload (adding back its message's tensor) before the strategy aggregates it.
+
+With `compression_error_feedback`, each client keeps the residual e of its last compression and compresses
+v + e instead of v, keeping e' = v + e - D(C(v + e)) (error feedback, Seide et al. 2014 / Karimireddy et al. 2019):
+what the server receives over rounds adds up to the sum of the true updates minus the last residual. The residual
+stays with the client: in the simulation in the strategy's state (round checkpoints; gathered across the ranks of
+a client-parallel round), on Flower in the SuperNode's state file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fed_trainer.distributed import all_gather_tensors
+
+TensorDict = dict[str, torch.Tensor]
+FORMATS = ("none", "bf16", "int8", "nf4")
+SEPARATOR = "|"
+RESIDUAL = "residual" + SEPARATOR  # prefix of a residual's name in a node's kept state
+
+
+def quantized(values: torch.Tensor, fmt: str, block: int) -> TensorDict:
+    """`values` (float) in format `fmt`, as the tensors that travel (by suffix: the format, `absmax`, `shape`)."""
+    import bitsandbytes.functional as bnb
+
+    flat = values.detach().float().reshape(-1).contiguous()
+    shape = torch.tensor(values.shape, dtype=torch.int64)
+    if fmt == "bf16":
+        return {fmt: values.detach().to(torch.bfloat16), "shape": shape}
+    if fmt == "int8":
+        codes, state = bnb.quantize_blockwise(flat, blocksize=block)
+    else:
+        codes, state = bnb.quantize_4bit(flat, blocksize=block, quant_type="nf4")
+    return {fmt: codes, "absmax": state.absmax.float(), "shape": shape}
+
+
+def dequantized(parts: TensorDict, fmt: str, block: int) -> torch.Tensor:
+    """The float32 tensor `quantized` encoded in `parts`."""
+    import bitsandbytes.functional as bnb
+    from bitsandbytes.functional import QuantState, get_4bit_type
+
+    shape = torch.Size(parts["shape"].tolist())
+    if fmt == "bf16":
+        return parts[fmt].float().reshape(shape)
+    numel = math.prod(shape)
+    if fmt == "int8":
+        flat = bnb.dequantize_blockwise(parts[fmt], absmax=parts["absmax"], blocksize=block)
+    else:
+        state = QuantState(absmax=parts["absmax"], shape=torch.Size([numel]), blocksize=block,
+                           code=get_4bit_type("nf4", device="cpu"), quant_type="nf4", dtype=torch.float32)  # fmt: skip
+        flat = bnb.dequantize_4bit(parts[fmt], state)
+    return flat.float().reshape(shape)
+
+
+def compressible(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.numel() > 0 and SEPARATOR not in name
+
+
+class UpdateCompressor:
+    """Encodes a client's payload (`encoded`, on the client) and decodes it (`decoded`, on the server); keeps each
+    client's error-feedback residual."""
+
+    def __init__(self, fmt: str, block: int, error_feedback: bool) -> None:
+        self.fmt, self.block, self.error_feedback = fmt, block, error_feedback
+        self.residuals: dict = {}  # client -> {tensor name: residual}, on the CPU
+        self.kept: TensorDict = {}  # on a SuperNode: its client's residual, from what the node kept
+        self._updated: dict = {}  # client -> its new residual (this round, this process)
+
+    @classmethod
+    def from_args(cls, args) -> UpdateCompressor | None:
+        if args.update_compression == "none":
+            return None
+        return cls(args.update_compression, args.compression_block_size, args.compression_error_feedback)
+
+    def encoded(self, payload: TensorDict, message: TensorDict, client_id) -> TensorDict:
+        """The payload as it travels: each floating tensor's difference from `message` (or itself) compressed."""
+        residual = self.residuals.get(client_id, self.kept) if self.error_feedback else {}
+        out, new_residual = {}, {}
+        for name, tensor in payload.items():
+            if not compressible(name, tensor):
+                out[name] = tensor
+                continue
+            value = tensor.detach().float()
+            reference = message.get(name)
+            if reference is not None and reference.shape == tensor.shape:
+                value = value - reference.detach().float().to(value.device)
+            if name in residual:
+                value = value + residual[name].to(value.device)
+            parts = quantized(value, self.fmt, self.block)
+            out.update({f"{name}{SEPARATOR}{suffix}": t for suffix, t in parts.items()})
+            if self.error_feedback:
+                new_residual[name] = (value - dequantized(parts, self.fmt, self.block)).cpu()
+        if self.error_feedback:
+            self._updated[client_id] = new_residual
+        return out
+
+    def decoded(self, payload: TensorDict, message: TensorDict) -> TensorDict:
+        """The payload `encoded` wrote, as the strategy's tensors (float32 where compressed)."""
+        grouped: dict[str, TensorDict] = {}
+        out = {}
+        for key, tensor in payload.items():
+            name, separator, suffix = key.rpartition(SEPARATOR)
+            if separator:
+                grouped.setdefault(name, {})[suffix] = tensor
+            else:
+                out[key] = tensor
+        for name, parts in grouped.items():
+            value = dequantized(parts, self.fmt, self.block)
+            reference = message.get(name)
+            if reference is not None and reference.shape == value.shape:
+                value = value.to(reference.device) + reference.detach().float()
+            out[name] = value
+        return out
+
+    def client_state(self, client_id) -> TensorDict:
+        """On a SuperNode: the residual to keep for the client's next round (named `residual|<tensor>`)."""
+        return {RESIDUAL + name: t for name, t in self._updated.get(client_id, {}).items()}
+
+    def catch_up(self, kept: TensorDict) -> None:
+        """On a SuperNode: take the client's residual from what the node kept."""
+        self.kept = {key[len(RESIDUAL) :]: t for key, t in kept.items() if key.startswith(RESIDUAL)}
+
+    def synchronize(self) -> None:
+        """Every rank of a client-parallel round gets every client's new residual (its next round may be on
+        another rank)."""
+        merged = {}
+        for part in all_gather_tensors(self._updated, torch.device("cpu")):
+            merged.update(part)
+        self._updated = merged
+
+    def finish_round(self) -> None:
+        self.residuals.update(self._updated)
+        self._updated = {}
+
+    def state_dict(self) -> dict:
+        return {"residuals": self.residuals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.residuals = state["residuals"]
