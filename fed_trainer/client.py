@@ -250,7 +250,7 @@ class ClientRunner:
         trainer, last_learning_rate = self.trainer, self.last_learning_rate
         max_steps, trainer.args.max_steps, trainer.constant_schedule = trainer.args.max_steps, steps, True
         try:
-            return self.train(dataset, client_id, seed, offset=0, schedule_steps=steps)
+            return self.train(dataset, client_id, seed=seed, offset=0, schedule_steps=steps)
         finally:
             trainer.args.max_steps, trainer.constant_schedule = max_steps, False
             self.last_learning_rate = last_learning_rate

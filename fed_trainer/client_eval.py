@@ -6,7 +6,8 @@ Each evaluated round logs, for every metric m of the evaluation (`loss`, and wha
 sizes), `eval_clients_worst_<m>` (the highest loss-like value, the lowest other value: Trainer's rule for
 `greater_is_better`) and `eval_clients_std_<m>` (the weighted standard deviation). With `personalization_steps`,
 the same for every client's own fine-tuned model under `eval_personalized_` (the usual "global against
-personalized" report; `personalized_metrics`).
+personalized" report; `personalized_scores`). Where the clients are evaluated is the executor's business
+(`ClientExecutor.evaluate`): in this process (`local_scores`), or each on its own machine (`remote_scores`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from fed_trainer.clients import RemoteClient
 from fed_trainer.schedule import eval_scores
-from fed_trainer.strategies.fedavg import load_parameters
+from fed_trainer.strategies.fedavg import load_tensors
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
+    from fed_trainer.strategies.base import TensorDict
     from fed_trainer.trainer import FederatedTrainer
 
 
@@ -42,12 +45,12 @@ def held_out_sets(
                 "client_eval_split (or pass client_eval_datasets), or drop personalization_steps."
             )
         return clients, {}
-    if not all(isinstance(ds, Dataset) for ds in clients.values()):
-        raise ValueError(
-            "Per-client evaluation needs every client's data in this process; on Flower SuperNodes it is not "
-            "supported yet: evaluate the global model with eval_dataset."
-        )
     if given is not None:
+        if not all(isinstance(ds, Dataset) for ds in clients.values()):
+            raise ValueError(
+                "client_eval_datasets needs every client's data in this process; on Flower SuperNodes set "
+                "client_eval_split instead (each SuperNode holds out a share of its own data)."
+            )
         held_out = dict(given) if isinstance(given, Mapping) else dict(enumerate(given))
         if held_out.keys() != clients.keys():
             raise ValueError(
@@ -55,8 +58,17 @@ def held_out_sets(
                 f"eval sets for {sorted(map(str, held_out))}."
             )
         return clients, held_out
-    parts = {cid: ds.train_test_split(test_size=split, seed=args.seed) for cid, ds in clients.items()}
-    return {cid: p["train"] for cid, p in parts.items()}, {cid: p["test"] for cid, p in parts.items()}
+    parts = {cid: held_out_split(ds, split, args.seed) for cid, ds in clients.items()}
+    return {cid: train for cid, (train, _) in parts.items()}, {cid: test for cid, (_, test) in parts.items()}
+
+
+def held_out_split(dataset: Dataset | RemoteClient, fraction: float, seed: int) -> tuple:
+    """The (train, held-out) parts of a client's data: a seeded split of a `Dataset`; for a client whose data is on
+    another machine (a `RemoteClient`), stand-ins of the sizes the same split makes there."""
+    if isinstance(dataset, RemoteClient):
+        return dataset.split(fraction)
+    parts = dataset.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
 
 
 def eval_strategy_for_trainer(args: FederatedConfig, eval_dataset, held_out: dict[object, Dataset]) -> str:
@@ -84,11 +96,25 @@ def own_model(trainer: FederatedTrainer, cid):
     personal, model = trainer.strategy.personal_state(cid), trainer.model
     params = dict(model.named_parameters())
     saved = {name: params[name].detach().clone() for name in personal}
-    load_parameters(model, personal)
+    load_tensors(model, personal)
     try:
         yield
     finally:
-        load_parameters(model, saved)
+        load_tensors(model, saved)
+
+
+def remote_scores(
+    trainer: FederatedTrainer, round_number: int, client_id, dataset: Dataset, tensors: TensorDict, kept: TensorDict
+) -> tuple[dict[str, float], dict[str, float]]:
+    """On a client's own machine (a Flower SuperNode, its trainer built afresh), after round `round_number`: (its
+    own model's metrics on its held-out `dataset`, the same after `personalization_steps` or {}), the live model
+    loaded with the server's `Strategy.global_tensors` and the client's personal state taken from what the machine
+    `kept`. The strategy is put in the round's state first (RoLoRA: which factor trains), as the server's is."""
+    trainer.strategy.begin_round(round_number)
+    load_tensors(trainer.model, tensors)
+    trainer.strategy.personal_from(kept)
+    scores, personalized = local_scores(trainer, {client_id: dataset})
+    return scores[client_id], personalized.get(client_id, {})
 
 
 def client_scores(trainer: FederatedTrainer, dataset: Dataset, cid, ignore_keys=None) -> dict[str, float]:
@@ -107,9 +133,45 @@ def plain_scores(trainer: FederatedTrainer, dataset: Dataset, cid, ignore_keys=N
     return {k[len("eval_") :]: float(v) for k, v in eval_scores(output.metrics).items()}
 
 
+def personalized_scores(trainer: FederatedTrainer, dataset: Dataset, cid, ignore_keys=None) -> dict[str, float]:
+    """Client `cid`'s own model after `personalization_steps` local steps on its training data, on its held-out set
+    (`dataset`), without the `eval_` prefix; the live model is put back after.
+
+    The steps train what the global model has trainable (all weights, or the adapters a LoRA strategy left
+    attached), from the client's own model (`personal_state`), with the client trainer and its optimizer at the
+    constant `learning_rate`, seeded by the client's index in the run. The trainable weights and floating buffers
+    are copied to the host first and put back after, so the global model is unchanged. Under client-parallel
+    training every process fine-tunes the client alike (the evaluation is spread over the processes).
+    """
+    model, args = trainer.model, trainer.args
+    changing = [p for p in model.parameters() if p.requires_grad]
+    changing += [b for b in model.buffers() if b.is_floating_point()]
+    saved = [t.detach().to("cpu", copy=True) for t in changing]
+    seed = args.seed + list(trainer.client_datasets).index(cid)
+    try:
+        with own_model(trainer, cid):
+            trainer.client_runner.fine_tune(trainer.client_datasets[cid], cid, args.personalization_steps, seed)
+            return plain_scores(trainer, dataset, cid, ignore_keys)
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(changing, saved, strict=True):
+                tensor.copy_(value)
+
+
+def local_scores(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> tuple[dict, dict]:
+    """(every client's own model's metrics on its held-out set, the same after `personalization_steps` or {}),
+    by client, for the clients of `held_out`, evaluated in this process (`InProcessClients.evaluate`)."""
+    scores = {cid: client_scores(trainer, dataset, cid, ignore_keys) for cid, dataset in held_out.items()}
+    if not trainer.args.personalization_steps:
+        return scores, {}
+    return scores, {cid: personalized_scores(trainer, dataset, cid, ignore_keys) for cid, dataset in held_out.items()}
+
+
 def summary(scores: dict[object, dict[str, float]], held_out: dict[object, Dataset], prefix: str) -> dict:
     """Every client's metrics and their mean, worst and spread over the clients (see the module docstring), as
-    `<prefix>client_<id>_<m>` and `<prefix>clients_mean_<m>`, ..."""
+    `<prefix>client_<id>_<m>` and `<prefix>clients_mean_<m>`, ...; {} when no client was evaluated."""
+    if not scores:
+        return {}
     sizes = np.array([len(held_out[cid]) for cid in scores], dtype=float)
     weights = sizes / sizes.sum()
     logs = {f"{prefix}client_{cid}_{name}": value for cid, values in scores.items() for name, value in values.items()}
@@ -122,49 +184,15 @@ def summary(scores: dict[object, dict[str, float]], held_out: dict[object, Datas
     return logs
 
 
-def per_client_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
-    """Every client's own model (the global one, for most strategies) on its held-out set: `eval_client_<id>_<m>`,
-    `eval_clients_mean_<m>`, ..."""
-    scores = {cid: client_scores(trainer, dataset, cid, ignore_keys) for cid, dataset in held_out.items()}
-    return summary(scores, held_out, "eval_")
-
-
-def personalized_metrics(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> dict:
-    """Every client's own model, `personalization_steps` local steps from the global model (from the client's own,
-    for a strategy with `personal_state`) on its training data, on its held-out set:
-    `eval_personalized_client_<id>_<m>`, `eval_personalized_clients_mean_<m>`, ...
-
-    The steps train what the global model has trainable (all weights, or the adapters a LoRA strategy left
-    attached), with the client trainer and its optimizer at the constant `learning_rate`, seeded by the client's
-    position. The trainable weights and floating buffers are copied to the host first and put back after each
-    client, so the global model is unchanged. Under client-parallel training every process fine-tunes every client
-    alike (the evaluation of each set is spread over the processes).
-    """
-    model, steps = trainer.model, trainer.args.personalization_steps
-    changing = [p for p in model.parameters() if p.requires_grad]
-    changing += [b for b in model.buffers() if b.is_floating_point()]
-    saved = [t.detach().to("cpu", copy=True) for t in changing]
-    scores = {}
-    for position, (cid, dataset) in enumerate(held_out.items()):
-        try:
-            with own_model(trainer, cid):
-                trainer.client_runner.fine_tune(trainer.client_datasets[cid], cid, steps, trainer.args.seed + position)
-                scores[cid] = plain_scores(trainer, dataset, cid, ignore_keys)
-        finally:
-            with torch.no_grad():
-                for tensor, value in zip(changing, saved, strict=True):
-                    tensor.copy_(value)
-    return summary(scores, held_out, "eval_personalized_")
-
-
 def evaluate_round(trainer: FederatedTrainer, logs: dict, ignore_keys=None) -> None:
     """A round's evaluation, into its log entry `logs`: every client's held-out set (when given), then `evaluate()`
     on the eval_dataset, whose metrics join `logs` (through `trainer.round_logs`) and whose `on_evaluate` the
     callbacks hear; without an eval_dataset, the callbacks' `on_evaluate` gets the clients' metrics."""
-    if trainer.client_eval_datasets:
-        logs.update(per_client_metrics(trainer, trainer.client_eval_datasets, ignore_keys))
-        if trainer.args.personalization_steps:
-            logs.update(personalized_metrics(trainer, trainer.client_eval_datasets, ignore_keys))
+    held_out = trainer.client_eval_datasets
+    if held_out:  # where the clients are: this process, or their own machines (the executor's business)
+        scores, personalized = trainer.client_executor.evaluate(trainer, held_out, ignore_keys)
+        logs.update(summary(scores, held_out, "eval_"))
+        logs.update(summary(personalized, held_out, "eval_personalized_"))
     if trainer.eval_dataset is None:  # EarlyStoppingCallback and the others hear the clients' metrics
         trainer.control = trainer.callback_handler.on_evaluate(
             trainer.args, trainer.state, trainer.control, metrics=eval_scores(logs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,26 @@ if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
 
 logger = logging.get_logger(__name__)
+
+
+class RemoteClient:
+    """Stands for a client's dataset on a machine that does not hold it: only its size is known (the server
+    weights clients by it; a SuperNode needs the whole roster to rank its own client among the others)."""
+
+    def __init__(self, num_examples: int) -> None:
+        self.num_examples = int(num_examples)
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        return f"RemoteClient({self.num_examples} examples)"
+
+    def split(self, fraction: float) -> tuple[RemoteClient, RemoteClient]:
+        """Stand-ins for the (train, held-out) parts that `Dataset.train_test_split(test_size=fraction)` makes of
+        the client's data where it is (the held-out part: ceil(fraction * n) examples)."""
+        held_out = math.ceil(fraction * self.num_examples)
+        return RemoteClient(self.num_examples - held_out), RemoteClient(held_out)
 
 
 def client_datasets_from(args: FederatedConfig, client_datasets, train_dataset) -> dict[object, Dataset]:

@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging
 
 from fed_trainer.callbacks import call_federated_event
+from fed_trainer.client_eval import local_scores
 from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
 from fed_trainer.privacy import privacy_spent
 from fed_trainer.zero import reload_partitions
@@ -60,11 +61,17 @@ class ClientPlan:
 
 
 class ClientExecutor(Protocol):
-    """Where a round's clients train. `train` trains the clients this process is responsible for and reports each
-    to the round: `round.message(cid)` is what to send it, `round.plan(position)` how it trains, then
-    `round.receive(cid, payload, loss)` with its reply, or `round.drop(cid, reason)` if it failed."""
+    """Where a round's clients train, and where they are evaluated.
+
+    `train` trains the clients this process is responsible for and reports each to the round: `round.message(cid)`
+    is what to send it, `round.plan(position)` how it trains, then `round.receive(cid, payload, loss)` with its
+    reply, or `round.drop(cid, reason)` if it failed. `evaluate` returns, by client, the metrics of every client's
+    own model on its held-out set, and those after `personalization_steps` ({} without); a client that could not be
+    evaluated is left out of both (`fed_trainer.client_eval`)."""
 
     def train(self, round: Round) -> None: ...
+
+    def evaluate(self, trainer: FederatedTrainer, held_out: dict, ignore_keys=None) -> tuple[dict, dict]: ...
 
 
 class Round:
@@ -269,6 +276,10 @@ class InProcessClients:
                 round.drop(client_id, f"{type(err).__name__}: {err}")
                 continue
             round.receive(client_id, payload, output.training_loss)
+
+    def evaluate(self, trainer: FederatedTrainer, held_out: dict, ignore_keys=None) -> tuple[dict, dict]:
+        """Every client evaluated in this process (each set spread over the processes of a client-parallel run)."""
+        return local_scores(trainer, held_out, ignore_keys)
 
 
 def sharded_client_failure(round: Round, client_id, err: Exception) -> RuntimeError:

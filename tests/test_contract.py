@@ -7,7 +7,8 @@ For each, on tiny BERT (3 clients, 2 rounds):
 - resuming from the round-1 checkpoint ends with the uninterrupted run's model;
 - the bytes logged each round equal the bytes of the tensors sent (messages down, payloads up);
 - a Flower round trip: the round-1 message, encoded into a Flower record and decoded on a client built afresh (as a
-  SuperNode builds it), trains to the payload the in-process client sent;
+  SuperNode builds it), trains to the payload the in-process client sent; and the global model's `global_tensors`,
+  sent the same way after the run, evaluate there (with and without personalization steps) as on the server;
 - with a server optimizer (FedAvgM, whose step is linear in the update, so it can be checked on merged weights):
   an exact strategy's global model moves by eta m_t, m_t = beta m_{t-1} + sum_k p_k W_k - W_t, and resuming from
   round 1 ends where the uninterrupted run ends; a strategy that declares no server optimizer refuses one.
@@ -28,12 +29,13 @@ import pytest
 import torch
 import user_strategy
 from conftest import fed_config
-from contract_setup import STRATEGIES, TWO_RANK_OPTIONS, TWO_RANKS, build
+from contract_setup import CLIENTS, STRATEGIES, TWO_RANK_OPTIONS, TWO_RANKS, build
 from federated_run import FailClient
 from recording import Record, aggregation_gaps
 from transformers import default_data_collator
 
 from fed_trainer import FederatedTrainer
+from fed_trainer.client_eval import local_scores, remote_scores
 from fed_trainer.flower.remote import tensor_record
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.base import tensor_bytes
@@ -186,6 +188,25 @@ def test_a_client_on_its_own_machine_sends_what_the_in_process_client_sent(contr
     assert payload.keys() == first["payload"].keys()
     for key, value in first["payload"].items():
         torch.testing.assert_close(payload[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_client_on_its_own_machine_evaluates_the_model_the_server_evaluates(contract_run):
+    """Per-client evaluation on Flower: a client built afresh, sent the global model's `global_tensors` (through a
+    Flower record) and given what its machine kept (FedSA-LoRA: its B), scores on its held-out data as the server's
+    own evaluation of that client does, before and after personalization_steps."""
+    trainer, name, client = contract_run["trainer"], contract_run["name"], 1
+    node = build(contract_run["make_config"], name, output_dir=str(contract_run["tmp"] / "evaluating-node"))
+    held_out = CLIENTS[client]
+    tensors = tensor_record(trainer.strategy.global_tensors(trainer.model)).to_torch_state_dict()
+    kept = dict(trainer.strategy.personal_state(client))  # the simulation's record of what the node keeps
+    trainer.args.personalization_steps = node.args.personalization_steps = 2
+    try:
+        scores, personalized = local_scores(trainer, {client: held_out})
+        got = remote_scores(node, trainer.strategy.round_number, client, held_out, tensors, kept)
+    finally:
+        trainer.args.personalization_steps = 0
+    assert got == (pytest.approx(scores[client], rel=1e-5), pytest.approx(personalized[client], rel=1e-5))
+    assert abs(got[1]["loss"] - got[0]["loss"]) > 1e-4  # the personalization steps trained
 
 
 @pytest.fixture(scope="module")

@@ -228,11 +228,14 @@ def assert_same_model(saved: Path, expected: Path) -> None:
 
 # FLoRA over TLS with authenticated nodes: the hardest case (kept node state, mixed ranks), with a server optimizer
 # whose state the ServerApp carries from round to round (FedAvgM: linear in the update, so the comparison with the
-# simulation stays tight); SCAFFOLD (FedAvg with client state) runs on Flower in the kill test below (every
-# strategy's message and payload round trip through Flower records is in tests/test_contract.py)
+# simulation stays tight), and every client evaluated on its SuperNode after round 2 (a quarter of its data held out;
+# its global model, then one personalization step); SCAFFOLD (FedAvg with client state) runs on Flower in the kill
+# test below (every strategy's message, payload and evaluation round trip through Flower records is in
+# tests/test_contract.py)
 FLORA_FEDAVGM = (
     "--strategy flora --lora_ranks 2 4 --learning_rate 5e-3 "
-    "--server_optimizer fedavgm --server_learning_rate 1.5 --server_momentum 0.5"
+    "--server_optimizer fedavgm --server_learning_rate 1.5 --server_momentum 0.5 "
+    "--client_eval_split 0.25 --eval_every_rounds 2 --personalization_steps 1"
 )
 
 
@@ -247,6 +250,10 @@ def test_a_loopback_federation_ends_with_the_global_model_of_the_simulation(tmp_
     for got, want in zip(rounds, json.loads((expected / "rounds.json").read_text()), strict=True):
         assert (got["num_clients"], got["bytes_up"], got["bytes_down"]) == (2, want["bytes_up"], want["bytes_down"])
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        # the clients' metrics, evaluated on their SuperNodes, are the simulation's
+        clients = {k: v for k, v in want.items() if k.startswith(("eval_client", "eval_personalized_client"))}
+        assert {k: got.get(k) for k in clients} == pytest.approx(clients, rel=1e-5)
+    assert "eval_personalized_clients_worst_accuracy" in rounds[1] and "eval_client_0_loss" not in rounds[0]
 
 
 def test_a_supernode_whose_key_is_not_registered_is_refused(deployments):

@@ -16,8 +16,8 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installation
     raise ImportError("fed_trainer.flower needs Flower: pip install 'fed-trainer[flower]'.") from err
 
+from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.client_app import client_app, train_reply
-from fed_trainer.flower.remote import RemoteClient
 from fed_trainer.flower.server_app import GridClients, discover_clients, server_app
 
 __all__ = ["GridClients", "RemoteClient", "client_app", "discover_clients", "server_app", "train_reply"]

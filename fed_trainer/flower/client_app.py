@@ -12,14 +12,19 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
+from fed_trainer.client_eval import remote_scores
+from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.remote import (
-    RemoteClient,
+    EvalOrder,
     TrainerBuilder,
     TrainOrder,
+    eval_result,
     introduction,
+    roster,
     train_result,
 )
 from fed_trainer.round import remote_update
+from fed_trainer.trainer import FederatedTrainer
 
 # load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
 DataLoader = Callable[[Context], tuple[object, Dataset]]
@@ -60,34 +65,62 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
     node (`kept_path`).
     """
     order = TrainOrder.read(content["config"])
-    client_id, dataset = load_client_data(context)
-    if client_id != order.client_id:
-        raise ValueError(
-            f"the server sent client {order.client_id!r}'s round to this SuperNode, which holds client "
-            f"{client_id!r}: give every SuperNode its own partition-id."
-        )
-    clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in order.sizes.items()}
-    trainer = build_trainer(context, clients)
-    prepared = len(trainer.client_datasets[client_id])  # as the server counts it (TRL's trainers prepare the data)
-    if prepared != order.sizes[client_id]:
-        raise ValueError(f"client {client_id!r} now has {prepared} examples, not the {order.sizes[client_id]} it had.")
+    client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     message = content["arrays"].to_torch_state_dict()
     path = kept_path(context)
     payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, read_kept(path))
     if kept:  # for this node's next round of the run
         write_kept(path, kept)
-    return train_result(payload, output.training_loss, prepared)
+    return train_result(payload, output.training_loss, len(trainer.client_datasets[client_id]))
+
+
+def node_trainer(
+    build_trainer: TrainerBuilder, load_client_data: DataLoader, context: Context, asked, sizes: dict
+) -> tuple[object, FederatedTrainer]:
+    """(this node's client id, the run's `FederatedTrainer` built on this node: its own dataset, the others stood
+    for by `RemoteClient`s of the roster's `sizes`), checked against the server's view: the client it `asked` for
+    and the size it counts."""
+    client_id, dataset = load_client_data(context)
+    if client_id != asked:
+        raise ValueError(
+            f"the server sent client {asked!r}'s message to this SuperNode, which holds client {client_id!r}: give "
+            "every SuperNode its own partition-id."
+        )
+    clients = {cid: dataset if cid == client_id else RemoteClient(n) for cid, n in sizes.items()}
+    trainer = build_trainer(context, clients)
+    prepared = roster(trainer)[client_id]  # as the server counts it (TRL's trainers prepare the data)
+    if prepared != sizes[client_id]:
+        raise ValueError(f"client {client_id!r} now has {prepared} examples, not the {sizes[client_id]} it had.")
+    return client_id, trainer
+
+
+def evaluate_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, content: RecordDict, context: Context):
+    """Evaluate this SuperNode's client on its held-out data (`client_eval_split`): the server's global tensors
+    loaded into the freshly built model, with the client's personal state from the node's file (FedSA-LoRA: its B),
+    and fine-tuned first with `personalization_steps`; only the metrics travel back (`eval_result`)."""
+    order = EvalOrder.read(content["config"])
+    client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
+    held_out = trainer.client_eval_datasets[client_id]
+    tensors = content["arrays"].to_torch_state_dict()
+    kept = read_kept(kept_path(context))
+    scores, personalized = remote_scores(trainer, order.round, client_id, held_out, tensors, kept)
+    return eval_result(scores, personalized)
 
 
 def client_app(build_trainer: TrainerBuilder, load_client_data: DataLoader) -> ClientApp:
-    """A Flower `ClientApp` that answers the server's roster query (this node's client id and size) and trains
-    its client when the server asks (`train_reply`)."""
+    """A Flower `ClientApp` that answers the server's roster query (this node's client id and size), trains its
+    client when the server asks (`train_reply`) and evaluates it on its held-out data (`evaluate_reply`)."""
     app = ClientApp()
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
         client_id, dataset = load_client_data(context)
         return Message(content=introduction(client_id, len(dataset)), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        content = evaluate_reply(build_trainer, load_client_data, message.content, context)
+        return Message(content=content, reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

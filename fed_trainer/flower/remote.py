@@ -16,26 +16,22 @@ from fed_trainer.trainer import FederatedTrainer
 TrainerBuilder = Callable[[Context, Mapping], FederatedTrainer]
 
 
-class RemoteClient:
-    """Stands for a client's dataset on a machine that does not hold it: only its size is known (the server
-    weights clients by it; a SuperNode needs the whole roster to rank its own client among the others)."""
-
-    def __init__(self, num_examples: int) -> None:
-        self.num_examples = int(num_examples)
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def __repr__(self) -> str:
-        return f"RemoteClient({self.num_examples} examples)"
-
-
 def tensor_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Tensors as an `ArrayRecord` (detached CPU copies: a payload may be a view of the live model)."""
     return ArrayRecord({name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()})
 
 
 PLAN_PREFIX = "plan-"
+
+
+def roster_entries(sizes: Mapping) -> dict:
+    """The run's roster (client id -> number of examples) as config entries (`roster_from` reads them)."""
+    ids = list(sizes)
+    return {"client-ids": ids, "client-sizes": [sizes[cid] for cid in ids]}
+
+
+def roster_from(config: Mapping) -> dict:
+    return dict(zip(config["client-ids"], config["client-sizes"], strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +47,35 @@ class TrainOrder:
 
     def record(self) -> ConfigRecord:
         plan = {PLAN_PREFIX + name: value for name, value in dataclasses.asdict(self.plan).items()}
-        ids = list(self.sizes)
-        roster = {"client-ids": ids, "client-sizes": [self.sizes[cid] for cid in ids]}
-        return ConfigRecord({"round": self.round, "client-id": self.client_id, **plan, **roster})
+        return ConfigRecord({"round": self.round, "client-id": self.client_id, **plan, **roster_entries(self.sizes)})
 
     @classmethod
     def read(cls, config: Mapping) -> TrainOrder:
         plan = ClientPlan(**{f.name: config[PLAN_PREFIX + f.name] for f in dataclasses.fields(ClientPlan)})
-        sizes = dict(zip(config["client-ids"], config["client-sizes"], strict=True))
-        return cls(config["round"], config["client-id"], plan, sizes)
+        return cls(config["round"], config["client-id"], plan, roster_from(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOrder:
+    """What an evaluate message tells a SuperNode beside the global tensors: the round, the client to evaluate and
+    the run's roster (`record()` / `read(config)`, as `TrainOrder`)."""
+
+    round: int
+    client_id: object
+    sizes: dict
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord({"round": self.round, "client-id": self.client_id, **roster_entries(self.sizes)})
+
+    @classmethod
+    def read(cls, config: Mapping) -> EvalOrder:
+        return cls(config["round"], config["client-id"], roster_from(config))
 
 
 def roster(trainer: FederatedTrainer) -> dict:
-    """Every client id of the run and its number of examples."""
-    return {cid: len(dataset) for cid, dataset in trainer.client_datasets.items()}
+    """Every client id of the run and its number of examples (training and held-out: as its node introduced it)."""
+    held_out = trainer.client_eval_datasets
+    return {cid: len(data) + len(held_out.get(cid, ())) for cid, data in trainer.client_datasets.items()}
 
 
 def introduction(client_id, num_examples: int) -> RecordDict:
@@ -88,3 +99,22 @@ def train_result(payload: Mapping[str, torch.Tensor], loss: float, num_examples:
 def trained(content: RecordDict) -> tuple[dict, float]:
     """The payload and train loss in a reply written by `train_result`."""
     return content["arrays"].to_torch_state_dict(), float(content["metrics"]["train-loss"])
+
+
+OWN, PERSONALIZED = "own-", "personalized-"
+
+
+def eval_result(scores: Mapping[str, float], personalized: Mapping[str, float]) -> RecordDict:
+    """A SuperNode's reply to an evaluate message: its client's metrics, own and personalized (`evaluated` reads
+    them)."""
+    metrics = {OWN + name: float(v) for name, v in scores.items()}
+    metrics.update({PERSONALIZED + name: float(v) for name, v in personalized.items()})
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def evaluated(content: RecordDict) -> tuple[dict, dict]:
+    """The client's own and personalized metrics in a reply written by `eval_result`."""
+    metrics = content["metrics"]
+    parts = ({k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+             for prefix in (OWN, PERSONALIZED))  # fmt: skip
+    return tuple(parts)

@@ -14,16 +14,19 @@ from flwr.serverapp import Grid, ServerApp
 from transformers.utils import logging
 
 from fed_trainer.cli import train_save_evaluate
+from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.remote import (
-    RemoteClient,
+    EvalOrder,
     TrainerBuilder,
     TrainOrder,
+    evaluated,
     introduced,
     roster,
     tensor_record,
     trained,
 )
 from fed_trainer.round import Round
+from fed_trainer.trainer import FederatedTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -84,6 +87,36 @@ class GridClients:
                 round.drop(client_id, f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason)
                 continue
             round.receive(client_id, *trained(reply.content))
+
+    def evaluate(self, trainer: FederatedTrainer, held_out: dict, ignore_keys=None) -> tuple[dict, dict]:
+        """Every client evaluated on its SuperNode (`client_app.evaluate_reply`), all at once: each is sent the
+        global model's `Strategy.global_tensors` (not counted in the round's bytes, which are the training's) and
+        replies with its metrics alone. A client whose node fails or does not answer within the timeout is left
+        out, with a warning."""
+        if trainer.strategy.sharded:
+            raise ValueError(
+                "Per-client evaluation on Flower sends the global model, which DeepSpeed ZeRO-3 keeps in partitions "
+                "on the server: drop client_eval_split, or the DeepSpeed config of the ServerApp."
+            )
+        tensors = tensor_record(trainer.strategy.global_tensors(trainer.model))
+        everyone, number = roster(trainer), trainer.strategy.round_number  # the round just finished
+        messages = [
+            Message(content=RecordDict({"arrays": tensors, "config": EvalOrder(number, cid, everyone).record()}),
+                    message_type=MessageType.EVALUATE, dst_node_id=self.nodes[cid])
+            for cid in held_out
+        ]  # fmt: skip
+        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        scores, personalized = {}, {}
+        for client_id in held_out:
+            reply = replies.get(self.nodes[client_id])
+            if reply is None or reply.has_error():
+                reason = f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason
+                logger.warning(f"client {client_id!r} could not be evaluated on its SuperNode: {reason}")
+                continue
+            scores[client_id], mine = evaluated(reply.content)
+            if mine:
+                personalized[client_id] = mine
+        return scores, personalized
 
 
 def train_content(round: Round, position: int, everyone: dict) -> RecordDict:

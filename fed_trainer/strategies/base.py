@@ -113,6 +113,18 @@ class Strategy(ABC):
         client."""
         return {}
 
+    def personal_from(self, kept: TensorDict) -> None:
+        """On a client's own machine, before it is evaluated: take its `personal_state` from what the machine kept
+        after its last round (`client_state`); nothing by default."""
+        return None
+
+    def global_tensors(self, model: nn.Module) -> TensorDict:
+        """The tensors that make a freshly built model (the run's initial one) the live global `model`: what a
+        client evaluating the global model on its own machine is sent (`fed_trainer.client_eval.remote_scores`).
+        The trainable parameters and floating buffers; a strategy that changes frozen weights adds them."""
+        state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        return {**state, **{name: b for name, b in model.named_buffers() if b.is_floating_point()}}
+
     def begin_round(self, round_number: int) -> None:
         """Called with the round number (from 1) before the round's first client; zeroes the running aggregate."""
         self.round_number = round_number

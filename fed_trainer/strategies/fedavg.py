@@ -28,12 +28,13 @@ def master_copy(tensor: torch.Tensor, server_dtype: str) -> torch.Tensor:
     return tensor.detach().to(torch.float32 if wide else tensor.dtype, copy=True)
 
 
-def load_parameters(model: nn.Module, tensors: TensorDict) -> None:
-    """Copy `tensors` into the parameters of `model` of the same names (a part of its state, in place)."""
-    params = dict(model.named_parameters())
+def load_tensors(model: nn.Module, tensors: TensorDict) -> None:
+    """Copy `tensors` into the parameters and buffers of `model` of the same names (a part of its state, in
+    place)."""
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            live[name].copy_(value)
 
 
 def trainable_state(model: nn.Module) -> TensorDict:

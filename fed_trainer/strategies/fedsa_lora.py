@@ -22,7 +22,7 @@ from torch import nn
 
 from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.fedavg import load_parameters
+from fed_trainer.strategies.fedavg import load_tensors
 from fed_trainer.strategies.lora import LoraStrategy, factor_names
 from fed_trainer.strategies.registry import register_strategy
 
@@ -55,7 +55,7 @@ class FedSALoRA(LoraStrategy):
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         super().load_client(model, message, client_id)
-        load_parameters(model, self.personal_state(client_id))
+        load_tensors(model, self.personal_state(client_id))
 
     def client_payload(self, model: nn.Module, client_id) -> TensorDict:
         params = dict(model.named_parameters())
@@ -63,8 +63,11 @@ class FedSALoRA(LoraStrategy):
         return super().client_payload(model, client_id)
 
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
-        self.kept_b = {name: value for name, value in kept.items() if name in self.initial_b}
+        self.personal_from(kept)
         return {}
+
+    def personal_from(self, kept: TensorDict) -> None:
+        self.kept_b = {name: value for name, value in kept.items() if name in self.initial_b}
 
     def client_state(self, client_id) -> TensorDict:
         return self._trained[client_id]
@@ -82,12 +85,12 @@ class FedSALoRA(LoraStrategy):
 
     def restore_global(self, model: nn.Module) -> None:
         super().restore_global(model)
-        load_parameters(model, self.initial_b)
+        load_tensors(model, self.initial_b)
 
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
         self.client_bs.update(self._trained)
-        load_parameters(model, self.initial_b)  # the live model between rounds: the shared part
+        load_tensors(model, self.initial_b)  # the live model between rounds: the shared part
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "client_bs": self.client_bs}

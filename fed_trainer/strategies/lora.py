@@ -207,6 +207,14 @@ class LoraStrategy(FedAvg):
         """The targeted base weights as message entries `<layer>.base` (for a client that must be sent them)."""
         return {message_key(name, "base"): weight for name, weight in self.base_weights().items()}
 
+    def global_tensors(self, model: nn.Module) -> TensorDict:
+        """The trainable tensors, both factors of every adapter (a frozen one too: RoLoRA's of the round), and the
+        targeted base weights for a strategy that folds updates into them."""
+        wanted = {id(p) for layer in self.layers.values() for p in lora_parameters(layer)}
+        if self.capabilities.folds_into_base:
+            wanted |= {id(layer.get_base_layer().weight) for layer in self.layers.values()}
+        return {**super().global_tensors(model), **{n: p for n, p in model.named_parameters() if id(p) in wanted}}
+
     def load_base(self, tensors: TensorDict) -> None:
         """Copy the `<layer>.base` entries of `tensors` (a `base_message`) into the base weights."""
         for name, weight in self.base_weights().items():
