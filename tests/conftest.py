@@ -22,7 +22,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes
 # passes --no-loadscope-reorder: by default pytest-xdist 3.8 reorders the files by their number of tests, which put
 # test_flower.py's three long tests last, the other worker idle meanwhile.)
 LONGEST_FIRST = ["test_flower.py", "test_zero.py", "test_fed_glue.py", "test_trl.py", "test_compare.py",
-                 "test_fed_instruct.py", "test_reliability.py", "test_distributed.py", "test_fed_dpo.py"]  # fmt: skip
+                 "test_gpu_check.py", "test_fed_instruct.py", "test_reliability.py", "test_distributed.py",
+                 "test_fed_dpo.py"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
