@@ -32,6 +32,7 @@ from fed_trainer.distributed import all_gather_tensors
 
 TensorDict = dict[str, torch.Tensor]
 FORMATS = ("none", "bf16", "int8", "nf4")
+BLOCK_SIZES = (64, 128, 256, 512, 1024)  # values per absmax scale that bitsandbytes' blockwise functions take
 SEPARATOR = "|"
 RESIDUAL = "residual" + SEPARATOR  # prefix of a residual's name in a node's kept state
 

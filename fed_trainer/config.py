@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from fed_trainer.compression import BLOCK_SIZES
 from fed_trainer.compression import FORMATS as COMPRESSION_FORMATS
 from fed_trainer.distributed import launched_with
 from fed_trainer.schedule import resolve_intervals, resolve_run_length
@@ -26,6 +27,7 @@ from fed_trainer.strategies.registry import get_strategy
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
+SERVER_DTYPES = ("float32", "model")  # the server's copy of a 16-bit model's global weights (fedavg.master_copy)
 
 
 def deepspeed_settings(deepspeed: Any) -> dict:
@@ -179,7 +181,7 @@ class FederatedConfig(TrainingArguments):
             "master copy: updates below the 16-bit resolution add up over rounds; messages still travel in the "
             "model's dtype) or 'model' (the model's own dtype: half the server memory, such updates are rounded "
             "away every round). The running sum and server optimizer state are float32 either way.",
-            "choices": ["float32", "model"],
+            "choices": list(SERVER_DTYPES),
         },
     )
     update_compression: str = field(
@@ -193,7 +195,7 @@ class FederatedConfig(TrainingArguments):
     )
     compression_block_size: int = field(
         default=64,
-        metadata={"help": "Values per absmax scale for 'int8' and 'nf4'.", "choices": [64, 128, 256, 512, 1024]},
+        metadata={"help": "Values per absmax scale for 'int8' and 'nf4'.", "choices": list(BLOCK_SIZES)},
     )
     compression_error_feedback: bool = field(
         default=False,
@@ -297,8 +299,8 @@ class FederatedConfig(TrainingArguments):
         self._check_privacy()
         self._check_server_optimizer()
         self._check_compression()
-        if self.server_dtype not in ("float32", "model"):
-            raise ValueError(f"server_dtype must be 'float32' or 'model', got {self.server_dtype!r}.")
+        if self.server_dtype not in SERVER_DTYPES:
+            raise ValueError(f"server_dtype must be one of {SERVER_DTYPES}, got {self.server_dtype!r}.")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}.")
         if not 1 <= self.min_clients_per_round <= self.clients_sampled_per_round:
@@ -382,9 +384,10 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(
                 f"update_compression must be one of {COMPRESSION_FORMATS}, got {self.update_compression!r}."
             )
-        if self.compression_block_size not in (64, 128, 256, 512, 1024):
-            raise ValueError(f"compression_block_size must be 64, 128, 256, 512 or 1024, got "
-                             f"{self.compression_block_size}.")  # fmt: skip
+        if self.compression_block_size not in BLOCK_SIZES:
+            raise ValueError(
+                f"compression_block_size must be one of {BLOCK_SIZES}, got {self.compression_block_size}."
+            )
         if self.update_compression == "none" and self.compression_error_feedback:
             raise ValueError("compression_error_feedback needs update_compression ('bf16', 'int8' or 'nf4').")
         if self.update_compression != "none" and deepspeed_zero_stage(self.deepspeed) > 0:
