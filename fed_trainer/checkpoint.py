@@ -7,7 +7,10 @@ strategy's own state, the run's progress and log history, and the RNG states. A 
 `round-N.partial` and renamed into place, so a crash while writing leaves the previous checkpoints intact.
 
 `save_round`, `resume` and `load_best_round` are `FederatedTrainer`'s steps; they write the merged model with the
-trainer's `_save` (its override of `Trainer._save`, which takes a gathered state dict under ZeRO-3).
+trainer's `_save` (its override of `Trainer._save`, which takes a gathered state dict under ZeRO-3). The states of
+`ExportableState` callbacks (EarlyStoppingCallback's patience counter) are saved as `Trainer` saves them, and restored
+on resume with Trainer's `_load_callback_state` when `restore_callback_states_from_checkpoint` is set (as `Trainer`
+does: off by default).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from fed_trainer.quantized import quantized_weight_keys
@@ -160,6 +164,7 @@ def federated_state(
         "progress": dataclasses.asdict(progress),
         "log_history": copy.deepcopy(state.log_history),
         "best": {name: getattr(state, name) for name in BEST_FIELDS},
+        "stateful_callbacks": copy.deepcopy(state.stateful_callbacks),
         "rng": rng_states(),
     }
 
@@ -189,6 +194,20 @@ def load_round_checkpoint(path: Path, model: nn.Module, strategy: Strategy) -> d
     return checkpoint
 
 
+def callback_states(trainer: FederatedTrainer) -> dict:
+    """The states of the trainer's `ExportableState` callbacks and of its `TrainerControl`, by class name (a list for
+    several of one class): `TrainerState.stateful_callbacks` as `Trainer` writes it into a checkpoint."""
+    states: dict = {}
+    for callback in [*trainer.callback_handler.callbacks, trainer.control]:
+        if isinstance(callback, ExportableState):
+            name, value = type(callback).__name__, callback.state()
+            if name not in states:
+                states[name] = value
+            else:  # several of one class
+                states[name] = [*(states[name] if isinstance(states[name], list) else [states[name]]), value]
+    return states
+
+
 def save_round(trainer: FederatedTrainer) -> Path:
     """Write `output_dir/round-N` for the trainer's last finished round N: the merged global model (a plain
     transformers model), `federated_state.pt` to resume from and `trainer_state.json`; its path. Every rank calls
@@ -199,6 +218,7 @@ def save_round(trainer: FederatedTrainer) -> Path:
         state.best_model_checkpoint = str(directory)
     model_state = trainer.global_state_dict()
     strategy, strategy_state = trainer.strategy, trainer.strategy.state_dict()
+    state.stateful_callbacks = callback_states(trainer)
     if args.should_save:
 
         def write(staging: Path) -> None:
@@ -223,12 +243,15 @@ def load_round(trainer: FederatedTrainer, path: Path) -> dict:
 
 
 def resume(trainer: FederatedTrainer, path: Path) -> None:
-    """Continue from the round checkpoint in `path`: the live model, the strategy, the RNGs, the progress and the
-    best metric so far."""
+    """Continue from the round checkpoint in `path`: the live model, the strategy, the RNGs, the progress, the best
+    metric so far and (with `restore_callback_states_from_checkpoint`) the callbacks' states."""
     checkpoint = load_round(trainer, path)
     trainer.state.log_history = checkpoint["log_history"]
     for name, value in checkpoint.get("best", {}).items():  # absent from older checkpoints
         setattr(trainer.state, name, value)
+    if "stateful_callbacks" in checkpoint:  # (older checkpoints have none)
+        trainer.state.stateful_callbacks = checkpoint["stateful_callbacks"]
+        trainer._load_callback_state()  # with restore_callback_states_from_checkpoint, as Trainer does
     trainer.round_progress = RunProgress(**checkpoint["progress"])
     logger.info(f"Resuming from {path}: {trainer.round_progress.round} of {trainer.args.num_rounds} rounds done.")
 

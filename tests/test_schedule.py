@@ -170,6 +170,20 @@ def test_early_stopping_stops_when_patience_runs_out(make_config):
     assert trainer.state.best_model_checkpoint.endswith("round-2")
 
 
+@pytest.mark.parametrize("restore", [True, False])
+def test_early_stopping_patience_is_restored_on_resume_as_trainer_restores_it(make_config, restore):
+    """Trainer restores callback states only with restore_callback_states_from_checkpoint (off by default)."""
+    config = dict(eval_strategy="epoch", save_strategy="epoch", metric_for_best_model="score",
+                  load_best_model_at_end=True, restore_callback_states_from_checkpoint=restore)  # fmt: skip
+    stopping = lambda: [EarlyStoppingCallback(early_stopping_patience=2)]  # noqa: E731
+    build(make_config, SCORES, stopping(), num_rounds=3, **config).train()  # round 3 did not improve: 1 of 2
+    resumed = build(make_config, SCORES, stopping(), num_rounds=6, **config)
+    resumed.train(resume_from_checkpoint=True)
+    # restored: round 4 (no better) runs out the patience, as in the uninterrupted run; afresh: round 5 resets it
+    expected = [1, 2, 3, 4] if restore else [1, 2, 3, 4, 5, 6]
+    assert [e["round"] for e in resumed.state.log_history if "round" in e] == expected
+
+
 def test_loss_is_the_default_best_metric_lower_is_better(make_config):
     trainer = build(make_config, num_rounds=3, eval_strategy="epoch", save_strategy="no", load_best_model_at_end=True)
     trainer.train()
