@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from datasets import Dataset
 
 from fed_trainer.clients import RemoteClient
 from fed_trainer.schedule import eval_scores
+from fed_trainer.strategies.base import trainable_state
 from fed_trainer.strategies.fedavg import load_tensors
 
 if TYPE_CHECKING:
@@ -144,18 +144,14 @@ def personalized_scores(trainer: FederatedTrainer, dataset: Dataset, cid, ignore
     training every process fine-tunes the client alike (the evaluation is spread over the processes).
     """
     model, args = trainer.model, trainer.args
-    changing = [p for p in model.parameters() if p.requires_grad]
-    changing += [b for b in model.buffers() if b.is_floating_point()]
-    saved = [t.detach().to("cpu", copy=True) for t in changing]
+    saved = {name: t.detach().to("cpu", copy=True) for name, t in trainable_state(model).items()}
     seed = args.seed + list(trainer.client_datasets).index(cid)
     try:
         with own_model(trainer, cid):
             trainer.client_runner.fine_tune(trainer.client_datasets[cid], cid, args.personalization_steps, seed)
             return plain_scores(trainer, dataset, cid, ignore_keys)
     finally:
-        with torch.no_grad():
-            for tensor, value in zip(changing, saved, strict=True):
-                tensor.copy_(value)
+        load_tensors(model, saved)
 
 
 def local_scores(trainer: FederatedTrainer, held_out: dict[object, Dataset], ignore_keys=None) -> tuple[dict, dict]:

@@ -75,18 +75,34 @@ class GridClients:
     def train(self, round: Round) -> None:
         """Send every client its message and plan, hand the replies to the round in client order."""
         everyone = roster(round.trainer)
-        messages = []
-        for position, client_id in enumerate(round.client_ids):
-            content = train_content(round, position, everyone)
-            node = self.nodes[client_id]
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        messages = {
+            client_id: Message(content=train_content(round, position, everyone), message_type=MessageType.TRAIN,
+                               dst_node_id=self.nodes[client_id])
+            for position, client_id in enumerate(round.client_ids)
+        }  # fmt: skip
+        contents, failures = self.exchange(messages)
         for client_id in round.client_ids:
-            reply = replies.get(self.nodes[client_id])
-            if reply is None or reply.has_error():
-                round.drop(client_id, f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason)
-                continue
-            round.receive(client_id, *trained(reply.content))
+            if client_id in failures:
+                round.drop(client_id, failures[client_id])
+            else:
+                round.receive(client_id, *trained(contents[client_id]))
+
+    def exchange(self, messages: dict) -> tuple[dict, dict]:
+        """Send every client its message (`messages`: client id -> `Message`) at once and wait at most the
+        timeout: (the replies' contents, the reasons of the clients whose node failed or did not answer), by client
+        id."""
+        sent = list(messages.values())
+        got = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(sent, timeout=self.timeout)}
+        contents, failures = {}, {}
+        for client_id in messages:
+            reply = got.get(self.nodes[client_id])
+            if reply is None:
+                failures[client_id] = f"no reply within {self.timeout:.0f} s"
+            elif reply.has_error():
+                failures[client_id] = reply.error.reason
+            else:
+                contents[client_id] = reply.content
+        return contents, failures
 
     def evaluate(self, trainer: FederatedTrainer, held_out: dict, ignore_keys=None) -> tuple[dict, dict]:
         """Every client evaluated on its SuperNode (`client_app.evaluate_reply`), all at once: each is sent the
@@ -100,20 +116,17 @@ class GridClients:
             )
         tensors = tensor_record(trainer.strategy.global_tensors(trainer.model))
         everyone, number = roster(trainer), trainer.strategy.round_number  # the round just finished
-        messages = [
-            Message(content=RecordDict({"arrays": tensors, "config": EvalOrder(number, cid, everyone).record()}),
-                    message_type=MessageType.EVALUATE, dst_node_id=self.nodes[cid])
+        messages = {
+            cid: Message(content=RecordDict({"arrays": tensors, "config": EvalOrder(number, cid, everyone).record()}),
+                         message_type=MessageType.EVALUATE, dst_node_id=self.nodes[cid])
             for cid in held_out
-        ]  # fmt: skip
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        }  # fmt: skip
+        contents, failures = self.exchange(messages)
+        for client_id, reason in failures.items():
+            logger.warning(f"client {client_id!r} could not be evaluated on its SuperNode: {reason}")
         scores, personalized = {}, {}
-        for client_id in held_out:
-            reply = replies.get(self.nodes[client_id])
-            if reply is None or reply.has_error():
-                reason = f"no reply within {self.timeout:.0f} s" if reply is None else reply.error.reason
-                logger.warning(f"client {client_id!r} could not be evaluated on its SuperNode: {reason}")
-                continue
-            scores[client_id], mine = evaluated(reply.content)
+        for client_id, content in contents.items():
+            scores[client_id], mine = evaluated(content)
             if mine:
                 personalized[client_id] = mine
         return scores, personalized

@@ -12,7 +12,7 @@ from fed_trainer.compression import UpdateCompressor
 from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
 from fed_trainer.server_optimizer import ServerOptimizer
 from fed_trainer.strategies.capabilities import Capabilities
-from fed_trainer.zero import load_whole_state, own_part, whole
+from fed_trainer.zero import load_whole_state, local_shard, own_part, whole
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -23,6 +23,17 @@ TensorDict = dict[str, torch.Tensor]
 def tensor_bytes(tensors: TensorDict) -> int:
     """Bytes needed to send `tensors` as they are (numel x element size, summed)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def trainable_state(model: nn.Module) -> TensorDict:
+    """The live tensors clients can change: trainable parameters and floating-point buffers (e.g. BatchNorm stats).
+
+    Frozen parameters are the same on every client, so they are neither sent nor averaged. Under DeepSpeed ZeRO-3
+    a parameter is this rank's shard of it: the average is entry-wise, so each rank averages its own shards.
+    """
+    state = {name: local_shard(p) for name, p in model.named_parameters() if p.requires_grad}
+    state.update({name: b for name, b in model.named_buffers() if b.is_floating_point()})
+    return state
 
 
 class Strategy(ABC):
@@ -122,8 +133,7 @@ class Strategy(ABC):
         """The tensors that make a freshly built model (the run's initial one) the live global `model`: what a
         client evaluating the global model on its own machine is sent (`fed_trainer.client_eval.remote_scores`).
         The trainable parameters and floating buffers; a strategy that changes frozen weights adds them."""
-        state = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        return {**state, **{name: b for name, b in model.named_buffers() if b.is_floating_point()}}
+        return trainable_state(model)
 
     def begin_round(self, round_number: int) -> None:
         """Called with the round number (from 1) before the round's first client; zeroes the running aggregate."""

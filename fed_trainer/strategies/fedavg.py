@@ -13,10 +13,9 @@ from torch import nn
 from fed_trainer.distributed import all_gather_tensors
 from fed_trainer.privacy import dp_noise_generator, private_average
 from fed_trainer.robust import clipped, robust_aggregate
-from fed_trainer.strategies.base import Strategy, TensorDict
+from fed_trainer.strategies.base import Strategy, TensorDict, trainable_state
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import local_shard
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -35,17 +34,6 @@ def load_tensors(model: nn.Module, tensors: TensorDict) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             live[name].copy_(value)
-
-
-def trainable_state(model: nn.Module) -> TensorDict:
-    """The live tensors clients can change: trainable parameters and floating-point buffers (e.g. BatchNorm stats).
-
-    Frozen parameters are the same on every client, so they are neither sent nor averaged. Under DeepSpeed ZeRO-3
-    a parameter is this rank's shard of it: the average is entry-wise, so each rank averages its own shards.
-    """
-    state = {name: local_shard(p) for name, p in model.named_parameters() if p.requires_grad}
-    state.update({name: b for name, b in model.named_buffers() if b.is_floating_point()})
-    return state
 
 
 @register_strategy("fedavg")

@@ -28,9 +28,9 @@ from fed_trainer.quantized import (
     prepared_for_kbit_training,
     quantization_of,
 )
-from fed_trainer.strategies.base import TensorDict, tensor_bytes
+from fed_trainer.strategies.base import TensorDict, tensor_bytes, trainable_state
 from fed_trainer.strategies.capabilities import Capabilities
-from fed_trainer.strategies.fedavg import FedAvg, trainable_state
+from fed_trainer.strategies.fedavg import FedAvg
 from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.zero import assign_whole, local_shard, own_part, whole
 

@@ -14,8 +14,7 @@ import dataclasses
 
 from torch import nn
 
-from fed_trainer.strategies.base import TensorDict
-from fed_trainer.strategies.fedavg import trainable_state
+from fed_trainer.strategies.base import TensorDict, trainable_state
 from fed_trainer.strategies.lora import LoraStrategy, factor_names, lora_parameters
 from fed_trainer.strategies.registry import register_strategy
 
