@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from fed_trainer.distributed import all_gather_tensors
+from fed_trainer.distributed import united_across_ranks
 
 TensorDict = dict[str, torch.Tensor]
 FORMATS = ("none", "bf16", "int8", "nf4")
@@ -141,10 +141,7 @@ class UpdateCompressor:
     def synchronize(self) -> None:
         """Every rank of a client-parallel round gets every client's new residual (its next round may be on
         another rank)."""
-        merged = {}
-        for part in all_gather_tensors(self._updated, torch.device("cpu")):
-            merged.update(part)
-        self._updated = merged
+        self._updated = united_across_ranks(self._updated)
 
     def finish_round(self) -> None:
         self.residuals.update(self._updated)

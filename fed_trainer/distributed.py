@@ -129,6 +129,15 @@ def all_gather_tensors(obj, device: torch.device) -> list:
     return send_to_device(all_gather_objects(send_to_device(obj, "cpu")), device)
 
 
+def united_across_ranks(by_client: dict) -> dict:
+    """Every rank's `by_client` dict (client -> its tensors) united, on the CPU: what a client-parallel round's
+    clients keep for their next round, which may be on another rank."""
+    out = {}
+    for part in all_gather_tensors(by_client, torch.device("cpu")):
+        out.update(part)
+    return out
+
+
 def merged(parts: list[dict]) -> dict:
     """One dict from the ranks' dicts of the same keys: lists concatenated, dicts united, numbers summed."""
     out = {}

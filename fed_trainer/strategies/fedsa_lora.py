@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
-from fed_trainer.distributed import all_gather_tensors
+from fed_trainer.distributed import united_across_ranks
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.fedavg import load_tensors
 from fed_trainer.strategies.lora import LoraStrategy, factor_names
@@ -78,10 +77,7 @@ class FedSALoRA(LoraStrategy):
 
     def synchronize(self) -> None:
         super().synchronize()
-        merged = {}
-        for part in all_gather_tensors(self._trained, torch.device("cpu")):  # a client's next round may be elsewhere
-            merged.update(part)
-        self._trained = merged
+        self._trained = united_across_ranks(self._trained)
 
     def restore_global(self, model: nn.Module) -> None:
         super().restore_global(model)

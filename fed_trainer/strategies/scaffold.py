@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from fed_trainer.distributed import all_gather_objects, all_gather_tensors, all_reduce_sums
+from fed_trainer.distributed import all_gather_objects, all_reduce_sums, united_across_ranks
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
@@ -178,10 +178,7 @@ class Scaffold(FedAvg):
     def synchronize(self) -> None:
         super().synchronize()
         self._control_sum = all_reduce_sums(self._control_sum)
-        merged = {}
-        for part in all_gather_tensors(self._updated, torch.device("cpu")):  # a client's next round may be elsewhere
-            merged.update(part)
-        self._updated = merged
+        self._updated = united_across_ranks(self._updated)
         self._messaged = set().union(*all_gather_objects(self._messaged))
 
     def finish_round(self, model: nn.Module) -> None:
