@@ -7,9 +7,12 @@ Checks, each on the bundled SmolLM2-135M (causal LM on chatterbot-corpus blocks 
 - `fedavg_bf16`, `fedit_bf16`: `FederatedTrainer` with 2 clients x 1 round x `--steps`/2 local steps (the same
   number of optimizer steps and tokens), full weights and LoRA (r 16, every linear layer); the throughput ratio to
   the baseline, and the peak memory.
+- `fedavg_bf16_state_cpu`: `fedavg_bf16` with `server_state_device="cpu"`: the global copy and the running sum on
+  the CPU (on a GPU its peak memory is the model's and one client's training, not the server state's).
 - `galore_fedavg`: FedAvg with GaLore clients (`galore_adamw`, rank 64, attention and MLP projections).
 - `qlora_4bit`: LoRA on a 4-bit nf4 base (bitsandbytes), bf16 compute.
-- `zero3_1proc`: `examples/fed_glue.py` (MiniLM) under DeepSpeed ZeRO-3 in one process (`accelerate launch`).
+- `zero3_1proc`: `examples/fed_glue.py` (MiniLM) under DeepSpeed ZeRO-3 in one process (`accelerate launch`), with
+  `server_state_device="cpu"`.
 - `client_parallel_2proc`: the same script's clients shared over 2 processes (`torchrun`; NCCL on GPUs); run when
   there are at least 2 GPUs (or on the CPU with `--cpu`, over gloo), reported as not run otherwise.
 
@@ -118,10 +121,11 @@ def federated(a, data, device: str, strategy: str, lora: bool = False, quantized
     return dict(loss=loss, seconds=meter.seconds, peak_mib=meter.peak_mib)
 
 
-def launched(a, launcher: list[str], name: str) -> dict:
-    """examples/fed_glue.py (MiniLM) under `launcher`; its eval loss, and the whole command's wall time."""
+def launched(a, launcher: list[str], name: str, *options: str) -> dict:
+    """examples/fed_glue.py (MiniLM, with `options`) under `launcher`; its eval loss, and the whole command's wall
+    time."""
     with tempfile.TemporaryDirectory() as out:
-        script = [str(REPO / "examples" / "fed_glue.py"), "--output_dir", out, *TINY_GLUE]
+        script = [str(REPO / "examples" / "fed_glue.py"), "--output_dir", out, *TINY_GLUE, *options]
         command = [*launcher, *script, *(["--use_cpu"] if a.cpu else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
@@ -137,7 +141,7 @@ def zero3(a, device: str) -> dict:
     config = REPO / "recipes" / "accelerate" / "zero3.yaml"
     launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config),
                 "--num_processes", "1"]  # fmt: skip
-    return launched(a, launcher, "ZeRO-3")
+    return launched(a, launcher, "ZeRO-3", "--server_state_device", "cpu")
 
 
 def client_parallel(a, device: str) -> dict | None:
@@ -174,6 +178,7 @@ def main() -> None:
         "plain_bf16": lambda: plain(a, data, device),
         "fedavg_bf16": lambda: federated(a, data, device, "fedavg"),
         "fedit_bf16": lambda: federated(a, data, device, "fedit", lora=True),
+        "fedavg_bf16_state_cpu": lambda: federated(a, data, device, "fedavg", server_state_device="cpu"),
         "galore_fedavg": lambda: federated(a, data, device, "fedavg", optim="galore_adamw",
                                            optim_target_modules=["self_attn", "mlp"],
                                            optim_args="rank=64,update_proj_gap=200,scale=0.25"),

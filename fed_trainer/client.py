@@ -257,7 +257,11 @@ class ClientRunner:
             self.release()
 
     def release(self) -> None:
-        """Drop the last client's optimizer and FedProx anchor (they would otherwise live on until the next
-        client)."""
-        self.trainer.optimizer = self.trainer.lr_scheduler = None
-        self.trainer.anchor = ()
+        """Drop the last client's optimizer, scheduler and FedProx anchor, with the references its callback handler
+        and accelerator hold: they would otherwise live on through the aggregation (and after the run's last
+        client), an AdamW's two moments beside the server state."""
+        trainer = self.trainer
+        trainer.optimizer = trainer.lr_scheduler = None
+        trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
+        trainer.accelerator.free_memory()
+        trainer.anchor = ()

@@ -22,6 +22,7 @@ from fed_trainer.server_optimizer import (
     MOMENTUM_RULES,
     SERVER_OPTIMIZERS,
 )
+from fed_trainer.server_state import SERVER_STATE_DEVICES
 from fed_trainer.strategies.registry import get_strategy
 
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
@@ -184,6 +185,16 @@ class FederatedConfig(TrainingArguments):
             "choices": list(SERVER_DTYPES),
         },
     )
+    server_state_device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the server state (global copy, running sum, server optimizer buffers, SCAFFOLD's controls, "
+            "the dense product sums of fedex_lora and lora_fair) lives: 'auto' (the training device when it and a "
+            "client's training fit in 90% of its free memory, else the CPU; fed_trainer.memory_model), 'cpu' (the "
+            "GPU then holds the model and one tensor in transit) or 'cuda'. Under ZeRO-3, each rank's partitions.",
+            "choices": list(SERVER_STATE_DEVICES),
+        },
+    )
     update_compression: str = field(
         default="none",
         metadata={
@@ -301,6 +312,15 @@ class FederatedConfig(TrainingArguments):
         self._check_compression()
         if self.server_dtype not in SERVER_DTYPES:
             raise ValueError(f"server_dtype must be one of {SERVER_DTYPES}, got {self.server_dtype!r}.")
+        if self.server_state_device not in SERVER_STATE_DEVICES:
+            raise ValueError(
+                f"server_state_device must be one of {SERVER_STATE_DEVICES}, got {self.server_state_device!r}."
+            )
+        if self.server_state_device == "cuda" and (self.use_cpu or not torch.cuda.is_available()):
+            raise ValueError(
+                "server_state_device='cuda' keeps the server state on the GPU, but this run trains on the CPU "
+                "(no CUDA device, or use_cpu=True): use server_state_device='auto' or 'cpu'."
+            )
         if self.proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}.")
         if not 1 <= self.min_clients_per_round <= self.clients_sampled_per_round:

@@ -24,6 +24,7 @@ from accelerate.utils import send_to_device
 
 TensorDict = dict[str, torch.Tensor]
 SHARDERS = ("DEEPSPEED", "FSDP")
+BUCKET_VALUES = 1 << 26  # values per collective of `all_reduce_sums` (256 MB in float32)
 
 
 def _in_process_group() -> bool:
@@ -156,7 +157,8 @@ def all_reduce_sums(tensors: TensorDict | None) -> TensorDict | None:
     """The element-wise sum over ranks of named tensors, on every rank.
 
     A rank that aggregated nothing passes None (or {}) and receives the sum of the others; None comes back only if
-    every rank passed nothing. The tensors travel as one flat buffer per dtype, in one collective each.
+    every rank passed nothing. The tensors travel as flat buffers of one dtype and at most `BUCKET_VALUES` values, one
+    collective each, on the collective's device; they stay where they are.
     """
     if world_size() == 1:
         return tensors
@@ -164,19 +166,33 @@ def all_reduce_sums(tensors: TensorDict | None) -> TensorDict | None:
     layout = next((entry for entry in layouts if entry), None)
     if layout is None:
         return tensors
-    device = next(iter(tensors.values())).device if tensors else _collective_device()
+    device = _collective_device()
     if not tensors:
         tensors = {k: torch.zeros(shape, dtype=dtype, device=device) for k, (shape, dtype) in layout.items()}
     for dtype in sorted({dtype for _, dtype in layout.values()}, key=str):
-        names = [k for k, (_, d) in layout.items() if d == dtype]
-        flat = torch.cat([tensors[k].reshape(-1) for k in names])
-        dist.all_reduce(flat)
-        offset = 0
-        for k in names:
-            n = tensors[k].numel()
-            tensors[k].copy_(flat[offset : offset + n].view_as(tensors[k]))
-            offset += n
+        for names in _buckets([k for k, (_, d) in layout.items() if d == dtype], tensors):
+            flat = torch.cat([tensors[k].reshape(-1) for k in names]).to(device)
+            dist.all_reduce(flat)
+            offset = 0
+            for k in names:
+                n = tensors[k].numel()
+                tensors[k].copy_(flat[offset : offset + n].view_as(tensors[k]))
+                offset += n
     return tensors
+
+
+def _buckets(names: list[str], tensors: TensorDict) -> list[list[str]]:
+    """`names` in consecutive groups of at most `BUCKET_VALUES` values (a larger tensor alone), so that tensors kept
+    off the collective's device (`server_state_device="cpu"`) travel through it a bucket at a time."""
+    buckets, size = [[]], 0
+    for k in names:
+        n = tensors[k].numel()
+        if buckets[-1] and size + n > BUCKET_VALUES:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(k)
+        size += n
+    return buckets
 
 
 def all_reduce_scalar(value: float) -> float:

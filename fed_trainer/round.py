@@ -21,6 +21,7 @@ from fed_trainer.callbacks import call_federated_event
 from fed_trainer.client_eval import local_scores
 from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
 from fed_trainer.privacy import privacy_spent
+from fed_trainer.server_state import OnDevice
 from fed_trainer.zero import reload_partitions
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
     (payload, `TrainOutput`). The client events fire around the training: `on_client_begin` on the loaded model,
     `on_client_end` on the trained one before the payload is taken from it."""
     strategy, runner, model = trainer.strategy, trainer.client_runner, trainer.model
-    strategy.load_client(model, message, client_id)
+    strategy.load_client(model, OnDevice(message, trainer.args.device), client_id)
     reload_partitions(runner.engine)
     event = dict(client_id=client_id, model=model, num_examples=len(dataset))
     fire(trainer, "on_client_begin", **event)

@@ -39,8 +39,8 @@ def whole(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     partition = getattr(param, "ds_tensor", None)
     if partition is None:
         return shard
-    padded = shard.new_zeros(partition.ds_numel)
-    padded[: shard.numel()] = shard.reshape(-1)
+    padded = partition.new_zeros(partition.ds_numel, dtype=shard.dtype)  # on the collective's device, wherever the
+    padded[: shard.numel()] = shard.reshape(-1)  # server state lives
     group = getattr(param, "ds_process_group", None)
     parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group=group))]
     dist.all_gather(parts, padded, group=group)

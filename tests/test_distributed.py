@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fed_trainer import distributed
 from fed_trainer.distributed import all_reduce_sums, merged, share_of
 
 
@@ -40,6 +41,29 @@ def test_all_reduce_sums_fills_in_a_rank_that_aggregated_nothing(tmp_path):
         total = torch.load(tmp_path / f"rank{r}.pt")
         torch.testing.assert_close(total["w"], torch.full((2, 3), 1.5))
         assert total["n"].tolist() == [4] and total["n"].dtype == torch.int64
+    shutil.rmtree(tmp_path / "init", ignore_errors=True)
+
+
+def _bucketed_sum_worker(process: int, init_file: str, results: str) -> None:
+    distributed.BUCKET_VALUES = 5  # spawned: the patch is made in the worker
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=process, world_size=2)
+    try:
+        shapes = {"a": (2,), "b": (3,), "c": (2, 5), "d": (1,), "e": (4,)}
+        mine = {k: torch.arange(float(torch.Size(s).numel())).view(s) + 10 * process for k, s in shapes.items()}
+        torch.save(all_reduce_sums(mine), f"{results}/rank{process}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_sums_in_buckets_adds_up_every_tensor(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "BUCKET_VALUES", 5)
+    tensors = {k: torch.zeros(n) for k, n in dict(a=2, b=3, c=10, d=1, e=4).items()}
+    assert distributed._buckets(list(tensors), tensors) == [["a", "b"], ["c"], ["d", "e"]]
+    mp.spawn(_bucketed_sum_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        total = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(total["c"], 2 * torch.arange(10.0).view(2, 5) + 10)
+        torch.testing.assert_close(total["e"], 2 * torch.arange(4.0) + 10)
     shutil.rmtree(tmp_path / "init", ignore_errors=True)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from fed_trainer.compression import UpdateCompressor
 from fed_trainer.distributed import all_reduce_scalar, all_reduce_sums
 from fed_trainer.server_optimizer import ServerOptimizer
+from fed_trainer.server_state import zeros_placed
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.zero import load_whole_state, local_shard, own_part, whole
 
@@ -63,6 +64,7 @@ class Strategy(ABC):
         self.round_number = 0  # the round in progress (set by `begin_round`)
         self.server_optimizer: ServerOptimizer | None = None  # the server's step on round updates (`setup`)
         self.compressor: UpdateCompressor | None = None  # how payloads travel (`update_compression`; `setup`)
+        self.state_device: torch.device | None = None  # where the server state lives (None: the payloads' device)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         """Called once with the initial global model (and LoRA strategies' per-client `LoraConfig`s).
@@ -151,9 +153,9 @@ class Strategy(ABC):
         """
         self._mass += weight
         if self._sum is None:
-            self._sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in payload.items()}
-        for k, v in payload.items():
-            self._sum[k].add_(v.detach(), alpha=weight)
+            self._sum = {k: zeros_placed(v, self.state_device or v.device) for k, v in payload.items()}
+        for k, v in payload.items():  # tensor by tensor: one payload tensor in transit to the state's device
+            self._sum[k].add_(v.detach().to(self._sum[k].device), alpha=weight)
 
     def synchronize(self) -> None:
         """Combine the partial aggregates of the processes of a client-parallel round (each aggregated its own
@@ -192,9 +194,11 @@ class Strategy(ABC):
         return shard if param is None else whole(shard, param)
 
     def own_state(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the whole server state `name` from a checkpoint (all of it without ZeRO-3)."""
+        """This rank's part of the whole server state `name` from a checkpoint (all of it without ZeRO-3), on the
+        server state's device."""
         param = self.server_parameter(name)
-        return value if param is None else own_part(param, value.to(param.device))
+        part = value if param is None else own_part(param, value.to(param.device))
+        return part if self.state_device is None else part.to(self.state_device)
 
     def state_dict(self) -> dict:
         """What the strategy needs, beyond the live model's weights, to continue a run (saved in round

@@ -11,20 +11,24 @@ import torch
 from torch import nn
 
 from fed_trainer.distributed import all_gather_tensors
+from fed_trainer.memory_model import client_training_bytes, server_state_bytes
 from fed_trainer.privacy import dp_noise_generator, private_average
 from fed_trainer.robust import clipped, robust_aggregate
+from fed_trainer.server_state import OnDevice, placed, state_device
 from fed_trainer.strategies.base import Strategy, TensorDict, trainable_state
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.registry import register_strategy
+from fed_trainer.zero import local_shard
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
 
 
-def master_copy(tensor: torch.Tensor, server_dtype: str) -> torch.Tensor:
-    """The server's copy of a global tensor: float32 for a bfloat16/float16 one unless `server_dtype` is "model"."""
+def master_dtype(tensor: torch.Tensor, server_dtype: str) -> torch.dtype:
+    """The dtype of the server's copy of a global tensor: float32 for a bfloat16/float16 one unless `server_dtype` is
+    "model"."""
     wide = server_dtype == "float32" and tensor.dtype in (torch.bfloat16, torch.float16)
-    return tensor.detach().to(torch.float32 if wide else tensor.dtype, copy=True)
+    return torch.float32 if wide else tensor.dtype
 
 
 def load_tensors(model: nn.Module, tensors: TensorDict) -> None:
@@ -63,9 +67,30 @@ class FedAvg(Strategy):
         # bfloat16/float16 tensor unless server_dtype="model" (rounding the global model to 16 bits every round
         # loses the updates smaller than its resolution, which the average of a few clients often is)
         self.sent_dtypes = {name: t.dtype for name, t in averaged.items()}
-        self.global_state = {name: master_copy(t, self.args.server_dtype) for name, t in averaged.items()}
+        self.state_device = self.resolved_state_device(model, averaged)
+        dtypes = {name: master_dtype(t, self.args.server_dtype) for name, t in averaged.items()}
+        self.global_state = {name: placed(t, self.state_device, dtypes[name]) for name, t in averaged.items()}
         # the averaged parameters (not buffers such as BatchNorm statistics, which take the plain average)
         self.averaged_parameters = {name: p for name, p in model.named_parameters() if name in self.global_state}
+
+    def resolved_state_device(self, model: nn.Module, averaged: TensorDict) -> torch.device:
+        """Where the server state lives (`server_state_device`; "auto" sizes it and a client's training with
+        `fed_trainer.memory_model`, on this rank's partitions under ZeRO-3)."""
+        args = self.args
+        trainable = sum(t.numel() for t in averaged.values())
+        dtype_bytes = max((t.element_size() for t in averaged.values()), default=4)
+        params = sum(local_shard(p).numel() for p in model.parameters())
+        state = server_state_bytes(
+            trainable,
+            dtype_bytes,
+            server_optimizer=args.server_optimizer,
+            server_dtype=args.server_dtype,
+            strategy=self.name,
+            payloads_kept=0 if args.aggregation_rule == "mean" else args.clients_sampled_per_round,
+        )
+        optim = str(getattr(args.optim, "value", args.optim))
+        training = client_training_bytes(params, trainable, dtype_bytes, optim=optim, strategy=self.name)
+        return state_device(args.server_state_device, args.device, state, training)
 
     @property
     def keeps_master(self) -> bool:
@@ -90,17 +115,17 @@ class FedAvg(Strategy):
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         args = self.args
         if args.update_clip_norm is not None:
+            payload = OnDevice(payload, self.state_device)
             payload = clipped(payload, self.global_state, args.update_clip_norm, self.sharded)
         if args.aggregation_rule == "mean":
             super().aggregate(payload, weight, client_id)
         else:
-            self._kept.append({name: t.detach().float().clone() for name, t in payload.items()})
+            self._kept.append({name: placed(t, self.state_device, torch.float32) for name, t in payload.items()})
 
     def synchronize(self) -> None:
         super().synchronize()
         if self.args.aggregation_rule != "mean":  # a robust rule needs every client's payload on every rank
-            device = next(iter(self.global_state.values())).device
-            self._kept = [payload for part in all_gather_tensors(self._kept, device) for payload in part]
+            self._kept = [payload for part in all_gather_tensors(self._kept, self.state_device) for payload in part]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -140,20 +165,21 @@ class FedAvg(Strategy):
             std = args.dp_noise_multiplier * args.update_clip_norm / args.clients_sampled_per_round
             noise = dp_noise_generator(args.seed, self.round_number, self.sharded)
             aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std, noise)
-        elif args.aggregation_rule == "mean":
-            aggregate = {name: total / self.aggregated_weight for name, total in self._sum.items()}
+        elif args.aggregation_rule == "mean":  # the sum becomes the mean in place (zeroed again next round)
+            aggregate = {name: total.div_(self.aggregated_weight) for name, total in self._sum.items()}
         else:
             aggregate = robust_aggregate(self._kept, args.aggregation_rule, args.trim_fraction)
             self._kept = []
         optimizer = self.server_optimizer
-        for name, value in self.global_state.items():
+        for name, value in self.global_state.items():  # tensor by tensor: one temporary at a time
             if name not in aggregate:  # not sent this round (RoLoRA's frozen factor): unchanged
                 continue
+            target = aggregate.pop(name).to(value.device)
             if value.dtype != self.sent_dtypes[name]:  # a master copy: it moves by the clients' mean update from
                 sent = value.to(self.sent_dtypes[name]).float()  # the rounded weights they started from
-                aggregate[name] = value + (aggregate[name].to(value.device) - sent)
+                target = value + (target - sent)
             if optimizer is not None and self.stepped(name):
-                value.copy_(optimizer.moved(name, value, aggregate[name]))
+                value.copy_(optimizer.moved(name, value, target))
             else:
-                value.copy_(aggregate[name])
+                value.copy_(target)
         FedAvg.restore_global(self, model)

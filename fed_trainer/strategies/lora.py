@@ -28,6 +28,7 @@ from fed_trainer.quantized import (
     prepared_for_kbit_training,
     quantization_of,
 )
+from fed_trainer.server_state import placed
 from fed_trainer.strategies.base import TensorDict, tensor_bytes, trainable_state
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
@@ -360,20 +361,22 @@ class ProductAveragingLora(LoraStrategy):
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         super().aggregate(payload, weight, client_id)
         coefficient = weight * self.scaling(client_id)
-        for name, layer in self.layers.items():
-            product = self._product(name, layer, payload, coefficient)
+        for name, layer in self.layers.items():  # each layer's product made where the model is, summed where the
+            product = self._product(name, layer, payload, coefficient)  # server state is (`server_state_device`)
             if name in self._products:
-                self._products[name].add_(product)
+                self._products[name].add_(product.to(self._products[name].device))
             else:
-                self._products[name] = product
+                self._products[name] = placed(product, self.state_device)
 
     def synchronize(self) -> None:
         super().synchronize()
         self._products = all_reduce_sums(self._products)
 
     def average_product(self, name: str) -> torch.Tensor:
-        """sum_k p_k s_k B_k A_k of layer `name` over the round's clients kept (out x fan_in, float32)."""
-        return self._products[name] / self.aggregated_weight
+        """sum_k p_k s_k B_k A_k of layer `name` over the round's clients kept (out x fan_in, float32), on the layer's
+        device."""
+        device = lora_factors(self.layers[name])[0].device
+        return self._products[name].to(device) / self.aggregated_weight
 
     @staticmethod
     def _product(name: str, layer, tensors: TensorDict, coefficient: float) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from fed_trainer.distributed import all_gather_objects, all_reduce_sums, united_across_ranks
+from fed_trainer.server_state import zeros_placed
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
@@ -92,7 +93,7 @@ class Scaffold(FedAvg):
                 optim,
             )
         model = super().setup(model, args, peft_configs)
-        self.control = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.averaged_parameters.items()}
+        self.control = {name: zeros_placed(p, self.state_device) for name, p in self.averaged_parameters.items()}
         self.client_controls: dict = {}  # client -> its c_k, on the CPU (the simulation's clients' own state)
         self.control_round: dict = {}  # client -> the round its c_k was last updated in
         self.unsure: set = set()  # clients whose machine may not hold the c_k the server counts: sent theirs next
@@ -152,7 +153,7 @@ class Scaffold(FedAvg):
             for name, start in self._start.items()
         }
         self._own_next = {name: self._own[name] + change for name, change in changes.items()}
-        self.steps.corrections = []
+        self.steps.corrections, self._start, self._own = [], {}, {}  # model-sized: not kept past the client
         return {**payload, **{message_key(name, "control"): change for name, change in changes.items()}}
 
     def client_state(self, client_id) -> TensorDict:
@@ -172,6 +173,7 @@ class Scaffold(FedAvg):
             self._control_sum = {name: torch.zeros_like(c) for name, c in self.control.items()}
         for name, change in changes.items():
             self._control_sum[name].add_(change.to(self._control_sum[name].device))
+        self._own_next = {}  # (in the simulation, the client's side of it: the server keeps c_k+ in _updated)
         old = self.client_controls.get(client_id, {})
         self._updated[client_id] = {n: c.cpu() + old[n] if n in old else c.cpu() for n, c in changes.items()}
 
@@ -184,7 +186,7 @@ class Scaffold(FedAvg):
     def finish_round(self, model: nn.Module) -> None:
         super().finish_round(model)
         for name, total in (self._control_sum or {}).items():  # c += (|S| / N) mean_k Delta c_k
-            self.control[name].add_(total, alpha=1.0 / self.args.num_clients)
+            self.control[name].add_(total.to(self.control[name].device), alpha=1.0 / self.args.num_clients)
         self.client_controls.update(self._updated)
         self.control_round.update(dict.fromkeys(self._updated, self.round_number))
         self.unsure = (self.unsure | self._messaged) - set(self._updated)

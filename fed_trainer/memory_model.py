@@ -1,0 +1,77 @@
+"""Bytes a federated run keeps per process, as formulas in the parameter count (the tables of docs/scaling.md).
+
+With P the model's parameters, T the trainable ones (all of them for full weights, the adapters for LoRA), b the
+model's bytes per value (2 for bfloat16) and N the ranks a DeepSpeed ZeRO run partitions over:
+
+Server state (`server_state_bytes`; on `server_state_device`, partitioned by ZeRO-3 like the model):
+
+- global copy: 4 T for a float32 master of a 16-bit model (`server_dtype="float32"`), else b T;
+- running sum of the round's payloads: 4 T (a robust `aggregation_rule` keeps every payload instead: 4 T each);
+- server optimizer buffers: 4 T each, one for fedavgm and nesterov, two for fedadam, fedyogi and fedadagrad;
+- SCAFFOLD: the server control and the round's control sum, 8 T; and on the CPU each client's c_k once it has
+  trained, 4 T per client (`client_state_bytes`).
+
+Client training (`client_training_bytes`; on the model's device; activations are not modelled):
+
+- without DeepSpeed: weights b P, gradients b T, optimizer 2 b T for AdamW (torch keeps its moments in the
+  parameter's dtype; Adafactor and SGD without momentum keep next to nothing: 0); a SCAFFOLD client also holds its
+  start weights, c - c_k and its new c_k in float32, 12 T;
+- under DeepSpeed with a 16-bit model (the ZeRO paper's mixed-precision Adam: 16-bit weights and gradients, a float32
+  master, momentum and variance, 12 T): stage 1 2P + 2T + 12T/N, stage 2 2P + 14T/N, stage 3 (2P + 14T)/N.
+
+Not modelled: activations, the optimizer's transient buffers (torch's foreach AdamW step), and the per-client state
+of FedSA-LoRA (each client's B) and of error feedback (each client's residual), kept on the CPU.
+"""
+
+from __future__ import annotations
+
+OPTIMIZER_BUFFERS = {"none": 0, "fedavgm": 1, "nesterov": 1, "fedadam": 2, "fedyogi": 2, "fedadagrad": 2}
+FLOAT32 = 4
+ZERO_OPTIMIZER_BYTES = 12  # float32 master weight, momentum and variance per trainable value (ZeRO, 1910.02054)
+MOMENTLESS_OPTIMIZERS = ("sgd", "adafactor")
+
+
+def server_state_bytes(
+    trainable: int,
+    dtype_bytes: int,
+    *,
+    server_optimizer: str = "none",
+    server_dtype: str = "float32",
+    strategy: str = "fedavg",
+    payloads_kept: int = 0,
+) -> int:
+    """Bytes of the server state over `trainable` averaged values of `dtype_bytes` each (a ZeRO-3 rank: its
+    partition's). `payloads_kept`: the clients' payloads a robust aggregation rule keeps at once (0: a running sum)."""
+    master = FLOAT32 if server_dtype == "float32" and dtype_bytes < FLOAT32 else dtype_bytes
+    per_value = master + FLOAT32 * (max(payloads_kept, 1) + OPTIMIZER_BUFFERS[server_optimizer])
+    if strategy == "scaffold":
+        per_value += 2 * FLOAT32
+    return trainable * per_value
+
+
+def client_state_bytes(trainable: int, strategy: str = "fedavg") -> int:
+    """Bytes the server keeps on the CPU for each client that has trained (SCAFFOLD's c_k; 0 for the others)."""
+    return FLOAT32 * trainable if strategy == "scaffold" else 0
+
+
+def client_training_bytes(
+    params: int,
+    trainable: int,
+    dtype_bytes: int,
+    *,
+    optim: str = "adamw_torch",
+    zero_stage: int = 0,
+    ranks: int = 1,
+    strategy: str = "fedavg",
+) -> int:
+    """Bytes of one client's training on the model's device, without activations (see the module docstring)."""
+    if zero_stage == 0:
+        moments = 0 if any(optim.startswith(name) for name in MOMENTLESS_OPTIMIZERS) else 2
+        controls = 3 * FLOAT32 * trainable if strategy == "scaffold" else 0
+        return params * dtype_bytes + trainable * dtype_bytes * (1 + moments) + controls
+    weights, gradients, optimizer = 2 * params, 2 * trainable, ZERO_OPTIMIZER_BYTES * trainable
+    if zero_stage == 1:
+        return weights + gradients + optimizer // ranks
+    if zero_stage == 2:
+        return weights + (gradients + optimizer) // ranks
+    return (weights + gradients + optimizer) // ranks

@@ -1,0 +1,104 @@
+"""Where the server state lives (`server_state_device`) and how much of it there is (`fed_trainer.memory_model`):
+the placement rule, the refusal of a GPU placement on a CPU run, and the memory model's byte counts against the
+tensors the strategies really hold after a round. (This machine has no GPU: the copies between a CPU state and a
+GPU model run in bench/gpu_check.sh's `fedavg_bf16_state_cpu` and `zero3_1proc`.)"""
+
+import weakref
+
+import pytest
+import torch
+from conftest import tiny_bert, toy_dataset
+
+from fed_trainer import FederatedCallback, FederatedTrainer
+from fed_trainer.memory_model import client_training_bytes, server_state_bytes
+from fed_trainer.server_state import OnDevice, state_device
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)  # (a device object needs no GPU)
+
+
+def test_auto_keeps_the_state_on_the_gpu_only_while_it_and_a_client_fit_in_nine_tenths_of_free_memory():
+    assert state_device("auto", GPU, 50, 40, free_bytes=100) == GPU  # 90 bytes of 100 free
+    assert state_device("auto", GPU, 51, 40, free_bytes=100) == CPU
+    assert state_device("cpu", GPU, 1, 1, free_bytes=100) == CPU
+    assert state_device("cuda", GPU, 10**12, 0, free_bytes=100) == GPU  # asked for: the user's call
+    assert state_device("auto", CPU, 1, 1) == CPU
+
+
+def test_a_gpu_placement_on_a_cpu_run_is_refused_with_the_fix(make_config):
+    with pytest.raises(ValueError, match="server_state_device='auto' or 'cpu'"):
+        make_config(server_state_device="cuda")
+    with pytest.raises(ValueError, match="server_state_device must be one of"):
+        make_config(server_state_device="gpu")
+
+
+def test_a_view_on_the_tensors_own_device_hands_out_the_tensors_themselves():
+    tensors = {"w": torch.ones(3), "b": torch.zeros(2)}
+    view = OnDevice(tensors, CPU)
+    assert list(view) == ["w", "b"] and len(view) == 2 and view["w"] is tensors["w"]
+
+
+def held_bytes(strategy) -> int:
+    """Bytes of every tensor the strategy holds as server state after a round, counted from the tensors."""
+    groups = [strategy.global_state, strategy._sum]
+    if strategy.server_optimizer is not None:
+        groups += list(strategy.server_optimizer.state.values())
+    if strategy.name == "scaffold":
+        groups += [strategy.control, strategy._control_sum]
+    return sum(t.numel() * t.element_size() for group in groups for t in group.values())
+
+
+@pytest.mark.parametrize(
+    "strategy, server_optimizer, dtype, server_dtype",
+    [
+        ("fedavg", "none", torch.float32, "float32"),
+        ("fedavg", "fedadam", torch.float32, "float32"),
+        ("fedavg", "fedavgm", torch.bfloat16, "float32"),
+        ("fedavg", "fedyogi", torch.bfloat16, "model"),
+        ("scaffold", "none", torch.float32, "float32"),
+    ],
+)
+def test_the_memory_model_counts_the_server_state_a_round_leaves(make_config, strategy, server_optimizer, dtype,
+                                                                  server_dtype):  # fmt: skip
+    args = make_config(num_clients=2, strategy=strategy, server_optimizer=server_optimizer, server_dtype=server_dtype,
+                       server_state_device="cpu", optim="sgd")  # fmt: skip
+    clients = [toy_dataset(8, seed) for seed in range(2)]
+    trainer = FederatedTrainer(model=tiny_bert().to(dtype), client_datasets=clients, args=args)
+    trainer.train()
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    predicted = server_state_bytes(sum(p.numel() for p in trained), trained[0].element_size(), strategy=strategy,
+                                   server_optimizer=server_optimizer, server_dtype=server_dtype)  # fmt: skip
+    assert held_bytes(trainer.strategy) == predicted
+    assert {t.device for t in trainer.strategy.global_state.values()} == {CPU}
+
+
+def test_client_training_bytes_follow_adamw_and_the_zero_stages():
+    params, trainable = 1000, 100
+    assert client_training_bytes(params, trainable, 2) == 2 * 1000 + 2 * 100 * 3  # weights, gradients, 2 moments
+    assert client_training_bytes(params, trainable, 2, optim="sgd") == 2 * 1000 + 2 * 100
+    # ZeRO (arXiv 1910.02054, Figure 1): 2P + 2T + 12T/N, 2P + 14T/N, 16-bit weights partitioned too at stage 3
+    assert client_training_bytes(params, trainable, 2, zero_stage=1, ranks=4) == 2000 + 200 + 1200 // 4
+    assert client_training_bytes(params, trainable, 2, zero_stage=2, ranks=4) == 2000 + 1400 // 4
+    assert client_training_bytes(params, trainable, 2, zero_stage=3, ranks=4) == (2000 + 1400) // 4
+
+
+class OptimizerRefs(FederatedCallback):
+    """Weak references to every client's optimizer, and which were still alive when each round ended."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+        self.alive_at_round_end: list[bool] = []
+
+    def on_client_end(self, args, state, control, optimizer=None, **kwargs):
+        self.refs.append(weakref.ref(optimizer))
+
+    def on_round_end(self, args, state, control, **kwargs):
+        self.alive_at_round_end += [ref() is not None for ref in self.refs]
+
+
+def test_no_client_optimizer_outlives_its_client_into_the_aggregation(make_config):
+    refs = OptimizerRefs()
+    clients = [toy_dataset(8, seed) for seed in range(2)]
+    trainer = FederatedTrainer(model=tiny_bert(), client_datasets=clients, callbacks=[refs],
+                               args=make_config(num_clients=2, num_rounds=2))  # fmt: skip
+    trainer.train()
+    assert len(refs.refs) == 4 and refs.alive_at_round_end == [False] * 6  # 2 after round 1, 4 after round 2
