@@ -1,4 +1,4 @@
-"""Memory of federated runs, three measurements:
+"""Memory of federated runs, four measurements:
 
 - default: peak RSS against the number of clients, 4 clients against 32 on the same total data. Each configuration
   runs in its own process (peak RSS is per process) for one round of `--steps` local steps per client; the
@@ -18,10 +18,17 @@
   above that baseline as a ratio to full fine-tuning's, and the bytes one client sends per round. On a CPU, compute
   runs in float32 and a quantized layer is dequantized for every product. The children run with a fixed glibc mmap
   threshold (`FIXED_MMAP`), so that freed transient buffers leave the RSS (`--glibc-default-malloc`: not).
+- `--server-state`: the memory model (`fed_trainer.memory_model`) against measured RSS: MiniLM and SmolLM2-135M in
+  float32 under fedavg, fedavg + fedadam and scaffold, 2 rounds of 2 clients with `server_state_device="cpu"`, each
+  in its own process (`FIXED_MMAP`); the RSS above the loaded model after the run (the server state, and what else
+  the run keeps) and at the peak, against `server_state_bytes` and `server_state_bytes` + `client_training_bytes`
+  (without the weights, which are loaded); and FedAdam's buffers alone (its run minus fedavg's).
 
     python bench/memory.py --repeats 3 --json bench/results/memory.json
     python bench/memory.py --rounds 10 --repeats 3 --json bench/results/memory_rounds.json
     python bench/memory.py --llm --seq-len 128 --batch-size 4 --steps 4 --json bench/results/memory_llm.json
+    python bench/memory.py --server-state --seq-len 32 --batch-size 2 --examples 64 \\
+        --json bench/results/memory_state.json
 """
 
 from __future__ import annotations
@@ -261,6 +268,97 @@ def llm_main(a) -> None:
     report("Memory and uplink of one SmolLM2-135M client", rows, summary, a.json, runs)
 
 
+# --server-state: (model, strategy, server optimizer) of each run whose server state the memory model predicts
+STATE_RUNS = [
+    ("minilm", "fedavg", "none"),
+    ("minilm", "fedavg", "fedadam"),
+    ("minilm", "scaffold", "none"),
+    ("smollm2", "fedavg", "none"),
+    ("smollm2", "fedavg", "fedadam"),
+    ("smollm2", "scaffold", "none"),
+]
+
+
+def state_child(a) -> None:
+    """One run of `STATE_RUNS[a.state_child]`: 2 rounds of 2 clients on the CPU; prints the RSS it added above the
+    loaded model, after the run (the server state and what else outlives a round) and at its peak (during a client's
+    training in round 2, with the state of round 1 in place), beside the memory model's predictions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fed_trainer.assets import smollm2_path
+    from fed_trainer.memory_model import client_state_bytes, client_training_bytes, server_state_bytes
+
+    name, strategy, server_optimizer = STATE_RUNS[a.state_child]
+    if name == "minilm":
+        model, data, collator = minilm_and_data(a.examples, a.seq_len)
+    else:
+        data = chatterbot_blocks(AutoTokenizer.from_pretrained(smollm2_path()), a.seq_len, 4 * a.batch_size)
+        model, collator = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32), None
+    materialize(model)
+    loaded = current_rss_mib()
+    reset_peak_rss()
+    optim = "sgd" if strategy == "scaffold" else "adamw_torch"
+    with tempfile.TemporaryDirectory() as out:
+        args = FederatedConfig(
+            output_dir=out, num_clients=2, num_rounds=2, local_steps=2, per_device_train_batch_size=a.batch_size,
+            learning_rate=1e-4, report_to="none", disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
+            seed=0, save_strategy="no", strategy=strategy, server_optimizer=server_optimizer, optim=optim,
+            server_state_device="cpu",
+        )  # fmt: skip
+        trainer = FederatedTrainer(model=model, args=args, client_datasets=[data.shard(2, 0), data.shard(2, 1)],
+                                   data_collator=collator)  # fmt: skip
+        trainer.train()
+    after, peak = current_rss_mib(), peak_rss_mib()
+    params = sum(p.numel() for p in model.parameters())
+    state = server_state_bytes(params, 4, strategy=strategy, server_optimizer=server_optimizer)
+    state = (state + args.num_clients * client_state_bytes(params, strategy)) / 2**20
+    training = client_training_bytes(params, params, 4, optim=optim, strategy=strategy) - 4 * params  # (loaded)
+    training /= 2**20
+    print(json.dumps({"model": name, "strategy": strategy, "server_optimizer": server_optimizer, "params": params,
+                      "state_mib": after - loaded, "peak_mib": peak - loaded, "predicted_state_mib": state,
+                      "predicted_peak_mib": state + training}))  # fmt: skip
+
+
+def state_main(a) -> None:
+    runs = []
+    for repeat in range(a.repeats):
+        for index in range(len(STATE_RUNS)):
+            out = run_child(a, 1, extra=("--state-child", str(index)), env=FIXED_MMAP)
+            runs.append({"repeat": repeat, **json.loads(out.strip().splitlines()[-1])})
+    rows = []
+    for name, strategy, server_optimizer in STATE_RUNS:
+        mine = [r for r in runs if (r["model"], r["strategy"], r["server_optimizer"]) == (name, strategy,
+                                                                                        server_optimizer)]  # fmt: skip
+        row = {"model": name, "strategy": strategy, "server_optimizer": server_optimizer, "params": mine[0]["params"]}
+        for kind in ("state", "peak"):
+            measured = median([r[f"{kind}_mib"] for r in mine])
+            predicted = mine[0][f"predicted_{kind}_mib"]
+            row.update(
+                {f"{kind}_mib": measured, f"predicted_{kind}_mib": predicted, f"{kind}_ratio": measured / predicted}
+            )
+        rows.append(row)
+    by_run = {(r["model"], r["strategy"], r["server_optimizer"]): r for r in rows}
+    for name in ("minilm", "smollm2"):  # FedAdam's two buffers alone: what the run keeps besides cancels out
+        adam, plain = by_run[(name, "fedavg", "fedadam")], by_run[(name, "fedavg", "none")]
+        measured = adam["state_mib"] - plain["state_mib"]
+        predicted = adam["predicted_state_mib"] - plain["predicted_state_mib"]
+        rows.append({"model": name, "strategy": "fedavg", "server_optimizer": "fedadam minus none",
+                     "params": adam["params"], "state_mib": measured, "predicted_state_mib": predicted,
+                     "state_ratio": measured / predicted, "peak_mib": "-", "predicted_peak_mib": "-",
+                     "peak_ratio": "-"})  # fmt: skip
+    measured_rows = [r for r in rows if r["peak_ratio"] != "-"]
+    summary = {
+        "work": f"2 rounds x 2 clients x 2 steps, batch {a.batch_size} x {a.seq_len} tokens, float32, CPU, "
+        "server_state_device='cpu'",
+        "memory": "MiB of RSS above the loaded model (median over runs): after the run (state) and at the peak",
+        "predicted": "fed_trainer.memory_model: server_state_bytes; + client_training_bytes without the weights",
+        "largest_deviation": max(abs(r[f"{k}_ratio"] - 1) for r in measured_rows for k in ("state", "peak")),
+        "malloc": f"glibc with {FIXED_MMAP}",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    report("Server state and peak: measured against the memory model", rows, summary, a.json, runs)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--few", type=int, default=4, help="clients of the small run (and of the --rounds runs)")
@@ -271,12 +369,18 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="processes of the --rounds runs")
     p.add_argument("--deepspeed", help=f"DeepSpeed config of the --rounds runs (default {ZERO3})")
     p.add_argument("--llm", action="store_true", help="one SmolLM2 client: full, GaLore, LoRA, LoRA 8-bit, 4-bit")
+    p.add_argument("--server-state", action="store_true", help="check the memory model (fed_trainer.memory_model)")
+    p.add_argument("--state-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--glibc-default-malloc", action="store_true", help="--llm without the fixed mmap threshold")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--llm-child", choices=list(LLM_CLIENTS), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.llm_child:
+    if a.state_child is not None:
+        state_child(a)
+    elif a.server_state:
+        state_main(a)
+    elif a.llm_child:
         llm_child(a)
     elif a.llm:
         llm_main(a)

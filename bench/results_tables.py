@@ -13,6 +13,10 @@ A table's place in a page is a pair of markers naming the JSON it comes from:
     python bench/results_tables.py           # every marked table of docs/results.md, benchmarks.md, scaling.md, llm.md
     python bench/results_tables.py --check   # exit 1 if a table differs from its JSON
 
+    <!-- memory-model-table -->                                (fed_trainer.memory_model's formulas at 1B, 7B, 70B)
+    ... (replaced) ...
+    <!-- end memory-model-table -->
+
 A compare table is preceded by the command, date, wall time, versions and git commit its JSON records.
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"(<!-- compare-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end compare-table -->)", re.S)
 BENCH_MARKED = re.compile(r"(<!-- bench-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end bench-table -->)", re.S)
+MODEL_MARKED = re.compile(r"(<!-- memory-model-table -->\n)(?P<body>.*?)(<!-- end memory-model-table -->)", re.S)
 PAGES = ("results.md", "benchmarks.md", "scaling.md", "llm.md")
 
 
@@ -113,6 +118,42 @@ def rows_table(report: dict) -> str:
     return "\n".join(lines) + (f"\n\nSummary: {summary}.\n" if summary else "\n")
 
 
+# what the memory-model table projects: (setup, strategy, server optimizer, client optimizer, ZeRO stage)
+PROJECTED = [
+    ("FedAvg", "fedavg", "none", "adamw_torch", 0),
+    ("FedAvg + FedAdam", "fedavg", "fedadam", "adamw_torch", 0),
+    ("SCAFFOLD", "scaffold", "none", "sgd", 0),
+    ("FedAvg + FedAdam, ZeRO-2", "fedavg", "fedadam", "adamw_torch", 2),
+    ("FedAvg + FedAdam, ZeRO-3", "fedavg", "fedadam", "adamw_torch", 3),
+]
+PROJECTED_RANKS = 8
+
+
+def memory_model_table() -> str:
+    """`fed_trainer.memory_model`'s bytes per process for full fine-tuning of a bfloat16 model (T = P) at 1B, 7B and
+    70B parameters, with the server state on the GPU and on the CPU."""
+    from fed_trainer.memory_model import client_training_bytes, server_state_bytes
+
+    sizes, p = (1e9, 7e9, 70e9), 10**9
+    lines = [
+        f"| setup (N = {PROJECTED_RANKS} under ZeRO) | state on | GPU per process | CPU per process | "
+        + " | ".join(f"{size / 1e9:g}B: GPU / CPU GB" for size in sizes) + " |",
+        "|---|---|---|---|" + "---|" * len(sizes),
+    ]  # fmt: skip
+    for setup, strategy, server_optimizer, optim, stage in PROJECTED:
+        ranks = PROJECTED_RANKS if stage else 1
+        training = client_training_bytes(p, p, 2, optim=optim, zero_stage=stage, ranks=ranks, strategy=strategy)
+        shards = ranks if stage == 3 else 1  # ZeRO-3 partitions the server state with the weights
+        state = server_state_bytes(p // shards, 2, server_optimizer=server_optimizer, strategy=strategy)
+        for on_cpu in (False, True):
+            gpu, cpu = (training, state) if on_cpu else (training + state, 0)
+            cells = [f"{size * gpu / p / 1e9:.1f} / {size * cpu / p / 1e9:.1f}" for size in sizes]
+            lines.append(
+                f"| {setup} | {'CPU' if on_cpu else 'GPU'} | {gpu / p:g}P | {cpu / p:g}P | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def rewritten(page: str) -> str:
     """`page` with every marked table generated anew from its JSON."""
 
@@ -121,7 +162,8 @@ def rewritten(page: str) -> str:
         return match.group(1) + render(report) + match.group(4)
 
     page = MARKED.sub(lambda m: replace(m, table), page)
-    return BENCH_MARKED.sub(lambda m: replace(m, rows_table), page)
+    page = BENCH_MARKED.sub(lambda m: replace(m, rows_table), page)
+    return MODEL_MARKED.sub(lambda m: m.group(1) + memory_model_table() + m.group(3), page)
 
 
 def main() -> None:
@@ -137,7 +179,8 @@ def main() -> None:
             stale += [str(page)] if after != before else []
             continue
         page.write_text(after)
-        print(f"{page}: {len(MARKED.findall(before)) + len(BENCH_MARKED.findall(before))} tables written")
+        count = sum(len(marked.findall(before)) for marked in (MARKED, BENCH_MARKED, MODEL_MARKED))
+        print(f"{page}: {count} tables written")
     if stale:
         sys.exit(f"{', '.join(stale)}: a table differs from its JSON; run bench/results_tables.py")
 
