@@ -10,7 +10,7 @@ A table's place in a page is a pair of markers naming the JSON it comes from:
     ... (replaced) ...
     <!-- end bench-table -->
 
-    python bench/results_tables.py           # every marked table of docs/results.md, benchmarks.md, scaling.md, llm.md
+    python bench/results_tables.py           # every marked table of docs/ (the pages in PAGES)
     python bench/results_tables.py --check   # exit 1 if a table differs from its JSON
 
     <!-- memory-model-table -->                                (fed_trainer.memory_model's formulas at 1B, 7B, 70B)
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"(<!-- compare-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end compare-table -->)", re.S)
 BENCH_MARKED = re.compile(r"(<!-- bench-table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end bench-table -->)", re.S)
 MODEL_MARKED = re.compile(r"(<!-- memory-model-table -->\n)(?P<body>.*?)(<!-- end memory-model-table -->)", re.S)
-PAGES = ("results.md", "benchmarks.md", "scaling.md", "llm.md")
+PAGES = ("results.md", "benchmarks.md", "scaling.md", "llm.md", "deployment.md")
 
 
 def provenance(report: dict) -> str:

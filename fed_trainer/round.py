@@ -10,6 +10,7 @@ called by `local_update` (and, on a machine of its own, `remote_update`), every 
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -90,6 +91,7 @@ class Round:
         self.rejected: list = []  # clients whose update held NaN or Inf
         self.bytes_up = self.bytes_down = 0
         self.messages: dict = {}  # the messages sent, while their replies are awaited (compressed payloads only)
+        self.notes: dict = {}  # what the executor adds to the round's log (Flower: where its nodes' time went)
 
     def plan(self, position: int) -> ClientPlan:
         """How the client at `position` in the round's sample trains."""
@@ -137,7 +139,9 @@ class Round:
         fire(self.trainer, name, **kwargs)
 
     def run(self, executor: ClientExecutor) -> dict:
-        """Train the round's clients with `executor`, aggregate, make the new global model; the round's log."""
+        """Train the round's clients with `executor`, aggregate, make the new global model; the round's log (with
+        `round_runtime`, its seconds from sampling to the new global model, as Trainer logs `train_runtime`)."""
+        start = time.perf_counter()
         self.strategy.begin_round(self.number)
         self.event(
             "on_round_begin",
@@ -172,6 +176,7 @@ class Round:
             logs["num_clients_dropped"] = len(outcome["failed"]) + len(outcome["rejected"])
         if self.args.dp_noise_multiplier is not None:
             logs["dp_epsilon"] = privacy_spent(self.args, self.number)
+        logs.update({**self.notes, "round_runtime": round(time.perf_counter() - start, 4)})
         self.event("on_round_end", round=self.number, model=model, metrics=logs)
         return {**logs, "bytes_up": outcome["bytes_up"], "bytes_down": outcome["bytes_down"]}
 

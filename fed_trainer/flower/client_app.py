@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from datasets import Dataset
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -64,14 +66,22 @@ def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, con
     keeps between rounds (FLoRA: the folded base weights; SCAFFOLD: the client's control) stays in a file of the
     node (`kept_path`).
     """
+    start = time.time()
     order = TrainOrder.read(content["config"])
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
+    built = time.time()
     message = content["arrays"].to_torch_state_dict()
     path = kept_path(context)
     payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, read_kept(path))
     if kept:  # for this node's next round of the run
         write_kept(path, kept)
-    return train_result(payload, output.training_loss, len(trainer.client_datasets[client_id]))
+    seconds = {
+        "start": start - psutil.Process().create_time(),  # the ClientApp process's start, imports and connection
+        "build": built - start,  # the data and the run's trainer (model included)
+        "update": time.time() - built,  # loading the message, training, the payload, the kept state
+        "train": output.metrics["train_runtime"],  # Trainer's own time for the local steps
+    }
+    return train_result(payload, output.training_loss, len(trainer.client_datasets[client_id]), seconds)
 
 
 def node_trainer(

@@ -89,11 +89,23 @@ def introduced(content: RecordDict) -> tuple[object, int]:
     return client["client-id"], int(client["num-examples"])
 
 
-def train_result(payload: Mapping[str, torch.Tensor], loss: float, num_examples: int) -> RecordDict:
+SECONDS = "seconds-"
+
+
+def train_result(
+    payload: Mapping[str, torch.Tensor], loss: float, num_examples: int, seconds: Mapping[str, float]
+) -> RecordDict:
     """A SuperNode's reply to a train message: the strategy's payload and the client's train loss (`trained` reads
-    it)."""
-    metrics = MetricRecord({"train-loss": float(loss), "num-examples": int(num_examples)})
-    return RecordDict({"arrays": tensor_record(payload), "metrics": metrics})
+    it), and where the node's time went (`node_seconds` reads it)."""
+    metrics = {"train-loss": float(loss), "num-examples": int(num_examples)}
+    metrics.update({SECONDS + phase: float(value) for phase, value in seconds.items()})
+    return RecordDict({"arrays": tensor_record(payload), "metrics": MetricRecord(metrics)})
+
+
+def node_seconds(content: RecordDict) -> dict[str, float]:
+    """Where a SuperNode's time went, by phase, in a reply written by `train_result`."""
+    metrics = content["metrics"]
+    return {k[len(SECONDS) :]: float(v) for k, v in metrics.items() if k.startswith(SECONDS)}
 
 
 def trained(content: RecordDict) -> tuple[dict, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from transformers.utils import logging
@@ -21,6 +22,7 @@ from fed_trainer.flower.remote import (
     TrainOrder,
     evaluated,
     introduced,
+    node_seconds,
     roster,
     tensor_record,
     trained,
@@ -65,6 +67,10 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict:
 class GridClients:
     """The round's clients train on their SuperNodes, all at once (a `ClientExecutor`).
 
+    The round's log says where the time went: `nodes_s`, from sending the messages to the last reply; and the
+    nodes' mean `node_start_s` (the ClientApp process's start, imports and connection), `node_build_s` (data and
+    trainer), `node_update_s` (loading, training, payload) and `node_train_s` (the local steps alone).
+
     A client whose SuperNode fails or does not answer within `timeout` seconds is dropped from the round, as a
     client that raises is in the simulation (`min_clients_per_round` then decides whether the round stands).
     """
@@ -80,12 +86,17 @@ class GridClients:
                                dst_node_id=self.nodes[client_id])
             for position, client_id in enumerate(round.client_ids)
         }  # fmt: skip
+        start = time.perf_counter()
         contents, failures = self.exchange(messages)
+        round.notes["nodes_s"] = time.perf_counter() - start
         for client_id in round.client_ids:
             if client_id in failures:
                 round.drop(client_id, failures[client_id])
             else:
                 round.receive(client_id, *trained(contents[client_id]))
+        phases = [node_seconds(content) for content in contents.values()]
+        for phase in sorted({phase for seconds in phases for phase in seconds}):
+            round.notes[f"node_{phase}_s"] = float(np.mean([seconds[phase] for seconds in phases if phase in seconds]))
 
     def exchange(self, messages: dict) -> tuple[dict, dict]:
         """Send every client its message (`messages`: client id -> `Message`) at once and wait at most the
