@@ -149,8 +149,8 @@ class Deployment:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
                                 start_new_session=True)  # fmt: skip
 
-    def command(self, fed_args: str, output_dir: Path) -> list[str]:
-        config = f"fed-args='{fed_args} --output_dir {output_dir}' round-timeout=300"
+    def command(self, fed_args: str, output_dir: Path, round_timeout: int = 300) -> list[str]:
+        config = f"fed-args='{fed_args} --output_dir {output_dir}' round-timeout={round_timeout}"
         return ["flwr", "run", str(APP), "loopback", "--stream", "--run-config", config]
 
     def run(self, fed_args: str, output_dir: Path) -> Path:
@@ -163,19 +163,22 @@ class Deployment:
         assert done.returncode == 0 and (output_dir / "model.safetensors").exists(), logs
         return output_dir
 
-    def run_killing_node(self, k: int, fed_args: str, output_dir: Path) -> str:
-        """`flwr run`, and SIGKILL SuperNode `k` (with its ClientApp) as soon as it receives round 2's message (its
-        second train message, or its first in a run resumed after round 1); the run's output once it has ended."""
+    def run_signalling_node(
+        self, k: int, fed_args: str, output_dir: Path, sig: int = signal.SIGKILL, round_timeout: int = 300
+    ) -> str:
+        """`flwr run`, and send `sig` to SuperNode `k` (with its ClientApp) as soon as it receives round 2's message
+        (its second train message, or its first in a run resumed after round 1): SIGKILL kills it, SIGSTOP leaves it
+        alive and silent (its sockets open). The run's output once it has ended."""
         log, round_two = self.root / f"supernode{k}.log", 1 if "--resume_from_checkpoint" in fed_args else 2
         with open(self.root / "run.log", "w+") as out:
-            run = subprocess.Popen(self.command(fed_args, output_dir), stdout=out, stderr=subprocess.STDOUT,
-                                   text=True, env=self.env, cwd=self.root)  # fmt: skip
+            run = subprocess.Popen(self.command(fed_args, output_dir, round_timeout), stdout=out,
+                                   stderr=subprocess.STDOUT, text=True, env=self.env, cwd=self.root)  # fmt: skip
             deadline = time.monotonic() + 300
             while log.read_text().count("Receiving: train message") < round_two:
                 assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
-            os.killpg(self.nodes[k].pid, signal.SIGKILL)
-            run.wait(timeout=400)  # the SuperLink reports the node gone after missed heartbeats
+            os.killpg(self.nodes[k].pid, sig)
+            run.wait(timeout=400)  # a killed node: the SuperLink reports it gone after missed heartbeats
             out.seek(0)
             return out.read()
 

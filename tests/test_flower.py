@@ -3,6 +3,7 @@ examples/flower with `flwr run`, and the global model they end with is the one t
 same run ends with."""
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 from loopback import TINY, Deployment, simulated
 from safetensors.torch import load_file
+
+ROUND_TIMEOUT = 150  # seconds (a round of TINY takes about 30 s on this machine)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_a_killed_supernode_stops_the_run_and_the_resumed_run_ends_where_the_sim
     try:
         # node 1 killed in round 2: the run stops after checkpointing round 1, with an error that says why (and only
         # 1 of 2: node 0 trained round 2 from the control its state file kept, whose round matched the server's)
-        logs = deployment.run_killing_node(1, fed_args, run)
+        logs = deployment.run_signalling_node(1, fed_args, run)
         assert "only 1 of 2 clients gave a usable update" in logs, logs[-3000:]
         assert (run / "round-1").is_dir() and not (run / "model.safetensors").exists()
         # the node back without the control it kept, and the run resumed from round 1's checkpoint (a new Flower
@@ -107,3 +110,18 @@ def test_a_killed_supernode_stops_the_run_and_the_resumed_run_ends_where_the_sim
     resent = [0, 2 * controls]
     assert [e["bytes_down"] for e in rounds] == [w["bytes_down"] + r for w, r in zip(want, resent, strict=True)]
     assert [e["loss"] for e in rounds] == pytest.approx([w["loss"] for w in want], abs=1e-5)
+
+
+def test_a_supernode_that_stops_answering_without_dying_costs_its_round_at_most_the_round_timeout(tmp_path):
+    # node 1 frozen (SIGSTOP: alive, its sockets open, silent, heartbeats stopped) as it receives round 2's message:
+    # the round drops it within round-timeout (flwr's SuperLink reports the node gone once its heartbeats are 2 x 30 s
+    # overdue, which may come first) and stands on node 0's update (min_clients_per_round 1). (A frozen ClientApp
+    # process alone is no straggler: its SuperNode starts the task again in a new one after about 30 s.)
+    deployment, run = Deployment(tmp_path / "deployment", secure=False), tmp_path / "run"
+    try:
+        logs = deployment.run_signalling_node(1, TINY, run, sig=signal.SIGSTOP, round_timeout=ROUND_TIMEOUT)
+    finally:
+        deployment.stop()
+    rounds = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "round" in e]
+    assert [(e["round"], e["num_clients"], e.get("num_clients_dropped")) for e in rounds] == [(1, 2, None), (2, 1, 1)]
+    assert rounds[1]["nodes_s"] < ROUND_TIMEOUT + 5, logs[-3000:]
