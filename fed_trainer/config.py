@@ -28,7 +28,7 @@ from fed_trainer.strategies.registry import get_strategy
 PARTITION_METHODS = ("iid", "dirichlet", "shards")
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")
 AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
-SERVER_DTYPES = ("float32", "model")  # the server's copy of a 16-bit model's global weights (fedavg.master_copy)
+SERVER_DTYPES = ("float32", "model")  # the server's copy of a 16-bit model's global weights (fedavg.master_dtype)
 
 
 def deepspeed_settings(deepspeed: Any) -> dict:
@@ -307,15 +307,10 @@ class FederatedConfig(TrainingArguments):
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}.")
         if self.update_clip_norm is not None and self.update_clip_norm <= 0:
             raise ValueError(f"update_clip_norm must be positive, got {self.update_clip_norm}.")
+        self._check_choices()
         self._check_privacy()
         self._check_server_optimizer()
         self._check_compression()
-        if self.server_dtype not in SERVER_DTYPES:
-            raise ValueError(f"server_dtype must be one of {SERVER_DTYPES}, got {self.server_dtype!r}.")
-        if self.server_state_device not in SERVER_STATE_DEVICES:
-            raise ValueError(
-                f"server_state_device must be one of {SERVER_STATE_DEVICES}, got {self.server_state_device!r}."
-            )
         if self.server_state_device == "cuda" and (self.use_cpu or not torch.cuda.is_available()):
             raise ValueError(
                 "server_state_device='cuda' keeps the server state on the GPU, but this run trains on the CPU "
@@ -399,15 +394,15 @@ class FederatedConfig(TrainingArguments):
                 "one client's influence, and so the noise needed, is unbounded."
             )
 
+    def _check_choices(self) -> None:
+        """Every field of this class that declares its `choices` (the command line enforces them too) holds one of
+        them, also when the config is built in Python."""
+        for name in FederatedConfig.__annotations__:  # this class's own fields, not TrainingArguments'
+            choices = self.__dataclass_fields__[name].metadata.get("choices")
+            if choices is not None and getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}.")
+
     def _check_compression(self) -> None:
-        if self.update_compression not in COMPRESSION_FORMATS:
-            raise ValueError(
-                f"update_compression must be one of {COMPRESSION_FORMATS}, got {self.update_compression!r}."
-            )
-        if self.compression_block_size not in BLOCK_SIZES:
-            raise ValueError(
-                f"compression_block_size must be one of {BLOCK_SIZES}, got {self.compression_block_size}."
-            )
         if self.update_compression == "none" and self.compression_error_feedback:
             raise ValueError("compression_error_feedback needs update_compression ('bf16', 'int8' or 'nf4').")
         if self.update_compression != "none" and deepspeed_zero_stage(self.deepspeed) > 0:
@@ -418,8 +413,6 @@ class FederatedConfig(TrainingArguments):
 
     def _check_server_optimizer(self) -> None:
         rule = self.server_optimizer
-        if rule not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {rule!r}.")
         if rule == "none":
             if self.server_learning_rate is not None or self.server_momentum is not None:
                 raise ValueError(
