@@ -92,6 +92,11 @@ def introduced(content: RecordDict) -> tuple[object, int]:
 SECONDS = "seconds-"
 
 
+def unprefixed(metrics: Mapping, prefix: str) -> dict[str, float]:
+    """The entries of `metrics` whose name starts with `prefix`, by the rest of their name."""
+    return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
 def train_result(
     payload: Mapping[str, torch.Tensor], loss: float, num_examples: int, seconds: Mapping[str, float]
 ) -> RecordDict:
@@ -104,8 +109,7 @@ def train_result(
 
 def node_seconds(content: RecordDict) -> dict[str, float]:
     """Where a SuperNode's time went, by phase, in a reply written by `train_result`."""
-    metrics = content["metrics"]
-    return {k[len(SECONDS) :]: float(v) for k, v in metrics.items() if k.startswith(SECONDS)}
+    return unprefixed(content["metrics"], SECONDS)
 
 
 def trained(content: RecordDict) -> tuple[dict, float]:
@@ -126,7 +130,4 @@ def eval_result(scores: Mapping[str, float], personalized: Mapping[str, float]) 
 
 def evaluated(content: RecordDict) -> tuple[dict, dict]:
     """The client's own and personalized metrics in a reply written by `eval_result`."""
-    metrics = content["metrics"]
-    parts = ({k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
-             for prefix in (OWN, PERSONALIZED))  # fmt: skip
-    return tuple(parts)
+    return unprefixed(content["metrics"], OWN), unprefixed(content["metrics"], PERSONALIZED)
