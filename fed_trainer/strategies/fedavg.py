@@ -68,8 +68,8 @@ class FedAvg(Strategy):
         # loses the updates smaller than its resolution, which the average of a few clients often is)
         self.sent_dtypes = {name: t.dtype for name, t in averaged.items()}
         self.state_device = self.resolved_state_device(model, averaged)
-        dtypes = {name: master_dtype(t, self.args.server_dtype) for name, t in averaged.items()}
-        self.global_state = {name: placed(t, self.state_device, dtypes[name]) for name, t in averaged.items()}
+        self.global_state = {name: placed(t, self.state_device, master_dtype(t, self.args.server_dtype))
+                             for name, t in averaged.items()}  # fmt: skip
         # the averaged parameters (not buffers such as BatchNorm statistics, which take the plain average)
         self.averaged_parameters = {name: p for name, p in model.named_parameters() if name in self.global_state}
 

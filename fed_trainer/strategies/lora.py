@@ -28,7 +28,6 @@ from fed_trainer.quantized import (
     prepared_for_kbit_training,
     quantization_of,
 )
-from fed_trainer.server_state import placed
 from fed_trainer.strategies.base import TensorDict, tensor_bytes, trainable_state
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.fedavg import FedAvg
@@ -366,7 +365,7 @@ class ProductAveragingLora(LoraStrategy):
             if name in self._products:
                 self._products[name].add_(product.to(self._products[name].device))
             else:
-                self._products[name] = placed(product, self.state_device)
+                self._products[name] = product.to(self.state_device)  # (a fresh tensor: moved, not copied)
 
     def synchronize(self) -> None:
         super().synchronize()
