@@ -1,41 +1,73 @@
-"""Federated fine-tuning with the Hugging Face Trainer."""
+"""Federated fine-tuning with the Hugging Face Trainer.
 
-from fed_trainer.callbacks import FederatedCallback
-from fed_trainer.config import FederatedConfig
-from fed_trainer.partition import partition_dataset
-from fed_trainer.strategies import (
-    Capabilities,
-    FedAvg,
-    Strategy,
-    available_strategies,
-    get_strategy,
-    register_strategy,
-)
-from fed_trainer.trainer import FederatedTrainer
+The names below are imported on first use (as transformers does), so that `import fed_trainer.<light module>`
+(a Flower ClientApp that hands its messages to a warm node worker: `fed_trainer.flower.warm`) does not pay for
+torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# TRL's trainers as clients; imported on first use, so the package imports without trl
-_TRL_CLASSES = {
+_MODULES = {
+    "FederatedCallback": "fed_trainer.callbacks",
+    "FederatedConfig": "fed_trainer.config",
+    "partition_dataset": "fed_trainer.partition",
+    "Capabilities": "fed_trainer.strategies",
+    "FedAvg": "fed_trainer.strategies",
+    "Strategy": "fed_trainer.strategies",
+    "available_strategies": "fed_trainer.strategies",
+    "get_strategy": "fed_trainer.strategies",
+    "register_strategy": "fed_trainer.strategies",
+    "FederatedTrainer": "fed_trainer.trainer",
+}
+# TRL's trainers as clients: the package imports without trl
+_TRL_MODULES = {
     "FederatedDPOConfig": "fed_trainer.dpo",
     "FederatedDPOTrainer": "fed_trainer.dpo",
     "FederatedSFTConfig": "fed_trainer.sft",
     "FederatedSFTTrainer": "fed_trainer.sft",
 }
 
+if TYPE_CHECKING:
+    from fed_trainer.callbacks import FederatedCallback
+    from fed_trainer.config import FederatedConfig
+    from fed_trainer.dpo import FederatedDPOConfig, FederatedDPOTrainer
+    from fed_trainer.partition import partition_dataset
+    from fed_trainer.sft import FederatedSFTConfig, FederatedSFTTrainer
+    from fed_trainer.strategies import (
+        Capabilities,
+        FedAvg,
+        Strategy,
+        available_strategies,
+        get_strategy,
+        register_strategy,
+    )
+    from fed_trainer.trainer import FederatedTrainer
+
 
 def __getattr__(name: str):
-    if name in _TRL_CLASSES:
-        import importlib
-
+    if name in _MODULES:
+        # kept here, as the eager `from ... import name` did: a submodule of the same name (`server_app`) is bound
+        # to the package by its import, and must not shadow the function
+        value = globals()[name] = getattr(importlib.import_module(_MODULES[name]), name)
+        return value
+    if name in _TRL_MODULES:
         try:
-            module = importlib.import_module(_TRL_CLASSES[name])
+            module = importlib.import_module(_TRL_MODULES[name])
         except ImportError as error:
             raise ImportError(
                 f"fed_trainer.{name} needs TRL: pip install 'fed-trainer[trl]' (trl==1.16.0)."
             ) from error
         return getattr(module, name)
     raise AttributeError(f"module 'fed_trainer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES, *_TRL_MODULES])
 
 
 __all__ = [
