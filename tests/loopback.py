@@ -82,11 +82,17 @@ def node_key(directory: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def flwr_run(app: Path, run_config: str) -> list[str]:
+    """The command that runs the Flower app in folder `app` on this deployment with `run_config`."""
+    return ["flwr", "run", str(app), "loopback", "--stream", "--run-config", run_config]
+
+
 class Deployment:
     """A SuperLink and two SuperNodes (partition-id 0 and 1) on 127.0.0.1; `secure`: over TLS, and only SuperNodes
-    whose public key is registered with the SuperLink may join."""
+    whose public key is registered with the SuperLink may join; `node_config`: more `--node-config` entries for
+    both SuperNodes ("key=value ...")."""
 
-    def __init__(self, root: Path, secure: bool):
+    def __init__(self, root: Path, secure: bool, node_config: str = ""):
         self.root = root
         self.env = dict(
             os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", FLWR_HOME=str(root / "flwr"),
@@ -107,7 +113,7 @@ class Deployment:
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
             f"{connection}\n"
         )
-        self.node_flags, self.secure = node, secure
+        self.node_flags, self.secure, self.node_config = node, secure, node_config
         self.nodes = [self.start_node(k) for k in range(2)]
 
     def start_node(self, k: int, register: bool = True) -> subprocess.Popen:
@@ -119,8 +125,9 @@ class Deployment:
                                       text=True, env=self.env, cwd=self.root, timeout=60)  # fmt: skip
                 assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
             flags += ["--auth-supernode-private-key", str(private)]
+        config = f'partition-id={k} state-dir="{self.root / "nodes"}" {self.node_config}'.strip()  # files of the node
         node, _ = self.start_listening(f"supernode{k}", [
-            "flower-supernode", *flags, "--superlink", f"127.0.0.1:{self.port}", "--node-config", f"partition-id={k}",
+            "flower-supernode", *flags, "--superlink", f"127.0.0.1:{self.port}", "--node-config", config,
         ], may_end=not register)  # an unregistered node is refused and ends  # fmt: skip
         return node
 
@@ -151,7 +158,7 @@ class Deployment:
 
     def command(self, fed_args: str, output_dir: Path, round_timeout: int = 300) -> list[str]:
         config = f"fed-args='{fed_args} --output_dir {output_dir}' round-timeout={round_timeout}"
-        return ["flwr", "run", str(APP), "loopback", "--stream", "--run-config", config]
+        return flwr_run(APP, config)
 
     def run(self, fed_args: str, output_dir: Path) -> Path:
         """`flwr run` the example app with `fed_args`; its output folder once the run has finished."""

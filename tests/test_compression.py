@@ -12,7 +12,7 @@ from contract_setup import STRATEGIES, build
 
 from fed_trainer import FederatedTrainer
 from fed_trainer.compression import UpdateCompressor, dequantized, quantized
-from fed_trainer.flower.remote import tensor_record
+from fed_trainer.flower.remote import record_tensors, tensor_record
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.base import tensor_bytes
 
@@ -111,7 +111,7 @@ def test_a_node_keeps_its_residual_and_a_resumed_run_ends_where_the_uninterrupte
     node = FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS,
                             args=make_config(output_dir=str(tmp_path / "node"), **config))  # fmt: skip
     node.strategy.begin_round(1)
-    message = tensor_record(node.strategy.server_message(0)).to_torch_state_dict()
+    message = record_tensors(tensor_record(node.strategy.server_message(0)))
     payload, _, kept = remote_update(node, 1, 0, message, ClientPlan(seed=1, offset=0, schedule_steps=6), kept={})
     residuals = {k: v for k, v in kept.items() if k.startswith("residual|")}
     assert residuals and all(key.endswith(("|nf4", "|absmax", "|shape")) for key in payload)

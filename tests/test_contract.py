@@ -36,7 +36,7 @@ from transformers import default_data_collator
 
 from fed_trainer import FederatedTrainer
 from fed_trainer.client_eval import local_scores, remote_scores
-from fed_trainer.flower.remote import tensor_record
+from fed_trainer.flower.remote import record_tensors, tensor_record
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.base import tensor_bytes
 from fed_trainer.strategies.registry import strategy_class
@@ -180,11 +180,11 @@ def test_the_bytes_logged_are_the_bytes_of_the_tensors_sent(contract_run):
 
 def test_a_client_on_its_own_machine_sends_what_the_in_process_client_sent(contract_run):
     first, name = contract_run["first"], contract_run["name"]
-    decoded = tensor_record(first["message"]).to_torch_state_dict()  # through a Flower record
+    decoded = record_tensors(tensor_record(first["message"]))  # through a Flower record
     node = build(contract_run["make_config"], name, output_dir=str(contract_run["tmp"] / "node"))
     client = first["client"]
     payload, _, _ = remote_update(node, 1, client, decoded, first["plan"], kept={})
-    payload = tensor_record(payload).to_torch_state_dict()
+    payload = record_tensors(tensor_record(payload))
     assert payload.keys() == first["payload"].keys()
     for key, value in first["payload"].items():
         torch.testing.assert_close(payload[key], value, rtol=0, atol=1e-6, msg=key)
@@ -197,7 +197,7 @@ def test_a_client_on_its_own_machine_evaluates_the_model_the_server_evaluates(co
     trainer, name, client = contract_run["trainer"], contract_run["name"], 1
     node = build(contract_run["make_config"], name, output_dir=str(contract_run["tmp"] / "evaluating-node"))
     held_out = CLIENTS[client]
-    tensors = tensor_record(trainer.strategy.global_tensors(trainer.model)).to_torch_state_dict()
+    tensors = record_tensors(tensor_record(trainer.strategy.global_tensors(trainer.model)))
     kept = dict(trainer.strategy.personal_state(client))  # the simulation's record of what the node keeps
     trainer.args.personalization_steps = node.args.personalization_steps = 2
     try:

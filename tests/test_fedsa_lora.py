@@ -10,7 +10,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainingArguments
 
 from fed_trainer import FederatedCallback, FederatedTrainer
-from fed_trainer.flower.remote import tensor_record
+from fed_trainer.flower.remote import record_tensors, tensor_record
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.lora import factor_names
 
@@ -119,7 +119,7 @@ def test_a_node_keeps_its_clients_b_and_trains_from_it_next_round(make_config):
                                              output_dir=str(trainer.args.output_dir) + "-node"))  # fmt: skip
     strategy, plan = trainer.strategy, ClientPlan(seed=3, offset=0, schedule_steps=6)
     strategy.begin_round(1)
-    message = tensor_record(strategy.server_message(0)).to_torch_state_dict()
+    message = record_tensors(tensor_record(strategy.server_message(0)))
     payload, _, kept = remote_update(node, 1, 0, message, plan, kept={})
     b_names = {factor_names(layer)[1] for layer in strategy.layers}
     assert set(kept) == b_names and not b_names & set(payload)

@@ -14,7 +14,7 @@ from conftest import tiny_bert, toy_dataset
 from transformers import default_data_collator
 
 from fed_trainer import FederatedCallback, FederatedTrainer
-from fed_trainer.flower.remote import tensor_record
+from fed_trainer.flower.remote import record_tensors, tensor_record
 from fed_trainer.round import ClientPlan, local_update, remote_update
 from fed_trainer.strategies.keys import message_key
 
@@ -100,7 +100,7 @@ def test_a_client_on_its_own_machine_keeps_its_control_for_its_next_round(make_c
     node = FederatedTrainer(model=tiny_bert(dropout=0.0), args=make_config(strategy="scaffold", **SGD,
                             output_dir=str(trainer.args.output_dir) + "-node"), client_datasets=CLIENTS)  # fmt: skip
     strategy.begin_round(1)
-    message = tensor_record(strategy.server_message(0)).to_torch_state_dict()
+    message = record_tensors(tensor_record(strategy.server_message(0)))
     _, _, kept = remote_update(node, 1, 0, message, plan, kept={})
     payload, _ = local_update(trainer, 0, CLIENTS[0], strategy.server_message(0), plan)
     strategy.aggregate(payload, 1.0, client_id=0)
@@ -131,7 +131,7 @@ def test_a_client_whose_machine_lost_its_control_is_dropped_once_then_sent_it(ma
     messages = []
     for round_number in (1, 2, 3):
         strategy.begin_round(round_number)
-        messages.append(tensor_record(strategy.server_message(0)).to_torch_state_dict())
+        messages.append(record_tensors(tensor_record(strategy.server_message(0))))
         if round_number == 1:  # client 0 trains (in the simulation): the server now counts a c_k for it
             payload, _ = local_update(trainer, 0, CLIENTS[0], strategy.server_message(0), plan)
             strategy.aggregate(payload, 1.0, client_id=0)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 from datasets import Dataset
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
@@ -22,9 +21,11 @@ from fed_trainer.flower.remote import (
     TrainOrder,
     eval_result,
     introduction,
+    record_tensors,
     roster,
     train_result,
 )
+from fed_trainer.flower.warm import answering_app, node_dir
 from fed_trainer.round import remote_update
 from fed_trainer.trainer import FederatedTrainer
 
@@ -34,15 +35,13 @@ DataLoader = Callable[[Context], tuple[object, Dataset]]
 
 def kept_path(context: Context) -> Path:
     """The file in which this SuperNode keeps what the strategy keeps between the rounds of a run
-    (`Strategy.catch_up`, `Strategy.client_state`): under the node config's `state-dir` (default: the system's
-    temporary folder), by node and run.
+    (`Strategy.catch_up`, `Strategy.client_state`): in the node's folder (`warm.node_dir`), by run.
 
     Not Flower's `context.state`: flwr 1.42 sends it back from the ClientApp process in an exit handler that is
     killed after 5 s, and a state the size of a model (SCAFFOLD's control) took longer on a busy machine and was lost
     without an error.
     """
-    root = Path(context.node_config.get("state-dir", Path(tempfile.gettempdir()) / "fed-trainer-nodes"))
-    return root / f"node-{context.node_id}" / f"run-{context.run_id}.safetensors"
+    return node_dir(context) / f"run-{context.run_id}.safetensors"
 
 
 def read_kept(path: Path) -> dict:
@@ -57,31 +56,40 @@ def write_kept(path: Path, kept: dict) -> None:
     os.replace(partial, path)
 
 
-def train_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, content: RecordDict, context: Context):
+def train_reply(
+    build_trainer: TrainerBuilder,
+    load_client_data: DataLoader,
+    content: RecordDict,
+    context: Context,
+    process_start: float | None = None,
+) -> RecordDict:
     """Train this SuperNode's client for one round from the server's message; the reply's records.
 
     The node builds the run's `FederatedTrainer` (its own dataset, the others stood for by `RemoteClient`), lets
     the strategy load the server's tensors into the model, trains with the seed and schedule position the server
     chose, and sends the strategy's payload: what a client trained in the simulation would send. What the strategy
     keeps between rounds (FLoRA: the folded base weights; SCAFFOLD: the client's control) stays in a file of the
-    node (`kept_path`).
+    node (`kept_path`). `process_start`: when the ClientApp process that received the message started (default: this
+    process's start), for the reply's "start" phase.
     """
     start = time.time()
+    process_start = psutil.Process().create_time() if process_start is None else process_start
     order = TrainOrder.read(content["config"])
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     built = time.time()
-    message = content["arrays"].to_torch_state_dict()
+    message = record_tensors(content["arrays"])
     path = kept_path(context)
     payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, read_kept(path))
     if kept:  # for this node's next round of the run
         write_kept(path, kept)
     seconds = {
-        "start": start - psutil.Process().create_time(),  # the ClientApp process's start, imports and connection
+        # the ClientApp process's start, imports and connection (and, from a warm_client_app, the hand-over)
+        "start": start - process_start,
         "build": built - start,  # the data and the run's trainer (model included)
         "update": time.time() - built,  # loading the message, training, the payload, the kept state
         "train": output.metrics["train_runtime"],  # Trainer's own time for the local steps
     }
-    return train_result(payload, output.training_loss, len(trainer.client_datasets[client_id]), seconds)
+    return train_result(payload, output.training_loss, len(trainer.client_datasets[client_id]), seconds, process_start)
 
 
 def node_trainer(
@@ -111,30 +119,38 @@ def evaluate_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, 
     order = EvalOrder.read(content["config"])
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     held_out = trainer.client_eval_datasets[client_id]
-    tensors = content["arrays"].to_torch_state_dict()
+    tensors = record_tensors(content["arrays"])
     kept = read_kept(kept_path(context))
     scores, personalized = remote_scores(trainer, order.round, client_id, held_out, tensors, kept)
     return eval_result(scores, personalized)
 
 
+def answer(
+    kind: str,
+    content: RecordDict,
+    context: Context,
+    build_trainer: TrainerBuilder,
+    load_client_data: DataLoader,
+    process_start: float | None = None,
+) -> RecordDict:
+    """The records of this SuperNode's reply to a message of flwr's `MessageType` `kind`: the roster query (its
+    client id and size), a train message (`train_reply`) or an evaluate message (`evaluate_reply`)."""
+    if kind == MessageType.QUERY:
+        client_id, dataset = load_client_data(context)
+        return introduction(client_id, len(dataset))
+    if kind == MessageType.TRAIN:
+        return train_reply(build_trainer, load_client_data, content, context, process_start)
+    if kind == MessageType.EVALUATE:
+        return evaluate_reply(build_trainer, load_client_data, content, context)
+    raise ValueError(f"a SuperNode of fed_trainer answers query, train and evaluate messages, not {kind!r} ones.")
+
+
 def client_app(build_trainer: TrainerBuilder, load_client_data: DataLoader) -> ClientApp:
     """A Flower `ClientApp` that answers the server's roster query (this node's client id and size), trains its
-    client when the server asks (`train_reply`) and evaluates it on its held-out data (`evaluate_reply`)."""
-    app = ClientApp()
+    client when the server asks (`train_reply`) and evaluates it on its held-out data (`evaluate_reply`), all in
+    the ClientApp process (flwr starts one per message; `warm.warm_client_app` keeps the work in a warm process)."""
 
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        client_id, dataset = load_client_data(context)
-        return Message(content=introduction(client_id, len(dataset)), reply_to=message)
+    def reply(kind: str, content: RecordDict, context: Context) -> RecordDict:
+        return answer(kind, content, context, build_trainer, load_client_data)
 
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        content = evaluate_reply(build_trainer, load_client_data, message.content, context)
-        return Message(content=content, reply_to=message)
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        content = train_reply(build_trainer, load_client_data, message.content, context)
-        return Message(content=content, reply_to=message)
-
-    return app
+    return answering_app(reply)

@@ -64,12 +64,17 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict:
     return dict(sorted(clients.items()))
 
 
+POLL_INTERVAL = 0.1  # seconds between two pulls of the replies to a round's messages
+
+
 class GridClients:
     """The round's clients train on their SuperNodes, all at once (a `ClientExecutor`).
 
     The round's log says where the time went: `nodes_s`, from sending the messages to the last reply; and the
-    nodes' mean `node_start_s` (the ClientApp process's start, imports and connection), `node_build_s` (data and
-    trainer), `node_update_s` (loading, training, payload) and `node_train_s` (the local steps alone).
+    nodes' mean `node_delivery_s` (from sending to the start of the ClientApp process), `node_start_s` (the
+    ClientApp process's start, imports and connection), `node_build_s` (data and trainer), `node_update_s`
+    (loading, training, payload), `node_train_s` (the local steps alone) and `node_return_s` (from the end of the
+    node's work to the server's having the reply).
 
     A client whose SuperNode fails or does not answer within `timeout` seconds is dropped from the round, as a
     client that raises is in the simulation (`min_clients_per_round` then decides whether the round stands).
@@ -86,34 +91,49 @@ class GridClients:
                                dst_node_id=self.nodes[client_id])
             for position, client_id in enumerate(round.client_ids)
         }  # fmt: skip
-        start = time.perf_counter()
-        contents, failures = self.exchange(messages)
+        start, sent_at = time.perf_counter(), time.time()
+        contents, failures, received_at = self.exchange(messages)
         round.notes["nodes_s"] = time.perf_counter() - start
         for client_id in round.client_ids:
             if client_id in failures:
                 round.drop(client_id, failures[client_id])
             else:
                 round.receive(client_id, *trained(contents[client_id]))
-        phases = [node_seconds(content) for content in contents.values()]
+        phases = [node_seconds(content, sent_at, received_at[cid]) for cid, content in contents.items()]
         for phase in sorted({phase for seconds in phases for phase in seconds}):
             round.notes[f"node_{phase}_s"] = float(np.mean([seconds[phase] for seconds in phases if phase in seconds]))
 
-    def exchange(self, messages: dict) -> tuple[dict, dict]:
+    def exchange(self, messages: dict) -> tuple[dict, dict, dict]:
         """Send every client its message (`messages`: client id -> `Message`) at once and wait at most the
-        timeout: (the replies' contents, the reasons of the clients whose node failed or did not answer), by client
-        id."""
-        sent = list(messages.values())
-        got = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(sent, timeout=self.timeout)}
+        timeout: (the replies' contents, the reasons of the clients whose node failed or did not answer, when each
+        reply came in: seconds since the epoch), by client id.
+
+        Replies are pulled every `POLL_INTERVAL` seconds, not every 3 s as flwr 1.42's `Grid.send_and_receive`
+        does: a round would wait up to 3 s for a reply already there."""
+        ids = list(self.grid.push_messages(list(messages.values())))  # in order, None where refused
+        ids += [None] * (len(messages) - len(ids))  # flwr returns no ids at all for a push too large
+        refused = {cid for mid, cid in zip(ids, messages) if mid is None}
+        pending = {mid: cid for mid, cid in zip(ids, messages) if mid is not None}
+        deadline = time.monotonic() + self.timeout
+        got, received_at = {}, {}
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                client_id = pending.pop(reply.metadata.reply_to_message_id)
+                got[client_id], received_at[client_id] = reply, time.time()
+            if pending:
+                time.sleep(POLL_INTERVAL)
         contents, failures = {}, {}
         for client_id in messages:
-            reply = got.get(self.nodes[client_id])
-            if reply is None:
+            reply = got.get(client_id)
+            if client_id in refused:
+                failures[client_id] = "the SuperLink did not take its message (too large or malformed: its log says)"
+            elif reply is None:
                 failures[client_id] = f"no reply within {self.timeout:.0f} s"
             elif reply.has_error():
                 failures[client_id] = reply.error.reason
             else:
                 contents[client_id] = reply.content
-        return contents, failures
+        return contents, failures, received_at
 
     def evaluate(self, trainer: FederatedTrainer, held_out: dict, ignore_keys=None) -> tuple[dict, dict]:
         """Every client evaluated on its SuperNode (`client_app.evaluate_reply`), all at once: each is sent the
@@ -132,7 +152,7 @@ class GridClients:
                          message_type=MessageType.EVALUATE, dst_node_id=self.nodes[cid])
             for cid in held_out
         }  # fmt: skip
-        contents, failures = self.exchange(messages)
+        contents, failures, _ = self.exchange(messages)
         for client_id, reason in failures.items():
             logger.warning(f"client {client_id!r} could not be evaluated on its SuperNode: {reason}")
         scores, personalized = {}, {}

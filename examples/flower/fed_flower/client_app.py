@@ -1,6 +1,9 @@
-"""The ClientApp: one client's local training per round, on the SuperNode that holds its data."""
+"""The ClientApp: one client's local training per round, on the SuperNode that holds its data.
 
-from fed_flower.task import build_trainer, load_client_data
-from fed_trainer.flower import client_app
+It imports neither torch nor the task: each message goes to the node's warm worker process, which imports the task's
+functions (named here by import path) once and keeps the node's data between messages (fed_trainer.flower.warm).
+"""
 
-app = client_app(lambda context, client_datasets: build_trainer(context.run_config, client_datasets), load_client_data)
+from fed_trainer.flower.warm import warm_client_app
+
+app = warm_client_app("fed_flower.task:flower_trainer", "fed_flower.task:load_client_data")

@@ -99,6 +99,11 @@ def build_trainer(run_config: Mapping, client_datasets: Mapping | None = None) -
     )
 
 
+def flower_trainer(context: Context, client_datasets: Mapping) -> FederatedTrainer:
+    """The run's `FederatedTrainer` on the ServerApp and on a SuperNode: from the context's run config."""
+    return build_trainer(context.run_config, client_datasets)
+
+
 def load_client_data(context: Context):
     """This SuperNode's (client id, dataset), tokenized."""
     client_id = int(context.node_config["partition-id"])

@@ -1,0 +1,1 @@
+"""flwr's round trip on its own (bench/flower_round.py)."""
