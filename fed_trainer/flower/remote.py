@@ -25,10 +25,9 @@ def tensor_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Tensors as an `ArrayRecord` of two arrays: every tensor's bytes in one flat buffer, and its layout (name,
     dtype, shape and offset of each tensor, as JSON); `record_tensors` reads it back.
 
-    Not one array per tensor: flwr 1.42 moves every array as its own object, one request each way per hop, so a
-    message of many small tensors pays mostly for round trips (measured on loopback, 2 SuperNodes echoing 90 MB: 8.6 s
-    a round as 103 arrays, 5.5 s as one; docs/deployment.md). And flwr converts a tensor through numpy, which has no
-    bfloat16.
+    Not one array per tensor: flwr 1.42 moves every array of a record as its own object, with a request per object
+    and hop, so a message of a model's hundred-odd tensors pays mostly for round trips (docs/deployment.md). And
+    flwr converts a tensor through numpy, which has no bfloat16.
     """
     layout, parts, offset = [], [], 0
     for name, tensor in tensors.items():
