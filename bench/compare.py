@@ -10,7 +10,7 @@ winning rate; scaffold with SGD clients, and fedavg_sgd, FedAvg with the same SG
 references: centralized (one client holding all the data, the same number of optimizer steps and examples as a
 federated run) and local_only (each client trains alone for the same number of steps; the mean of their results);
 compressed uplinks on fedavg and fedit at their base's rate: <base>_int8, <base>_nf4, and with error feedback
-<base>_int8_ef, <base>_nf4_ef.
+<base>_int8_ef, <base>_nf4_ef; both ways (the downlink too): <base>_int8_ef_both, <base>_nf4_ef_both.
 Tasks (bench/tasks.py):
 
 - `text` (default): all-MiniLM-L6-v2 on BBC News topics and movie-review sentiment, Dirichlet label splits with
@@ -67,13 +67,20 @@ from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer, pa
 from fed_trainer.client_eval import own_model  # noqa: E402
 
 # Compressed uplinks (`update_compression`, with or without error feedback) on FedAvg and FedIT, at their base
-# method's winning rate (the base runs first): fedavg_int8, fedavg_int8_ef, ..., fedit_nf4_ef
+# method's winning rate (the base runs first): fedavg_int8, fedavg_int8_ef, ..., fedit_nf4_ef; and both ways
+# (`downlink_compression` too): fedavg_int8_ef_both, ..., fedit_nf4_ef_both
 COMPRESSED = {
     f"{base}_{fmt}{'_ef' if ef else ''}": (base, dict(update_compression=fmt, compression_error_feedback=ef))
     for base in ("fedavg", "fedit")
     for fmt in ("int8", "nf4")
     for ef in (False, True)
 }
+COMPRESSED.update({
+    f"{base}_{fmt}_ef_both": (base, dict(update_compression=fmt, compression_error_feedback=True,
+                                         downlink_compression=fmt))
+    for base in ("fedavg", "fedit")
+    for fmt in ("int8", "nf4")
+})  # fmt: skip
 
 
 METHODS = [

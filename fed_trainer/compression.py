@@ -1,4 +1,5 @@
-"""Compressed client payloads (`update_compression`), with optional error feedback.
+"""Compressed client payloads (`update_compression`), with optional error feedback, and compressed server messages
+(`downlink_compression`).
 
 Every floating tensor of a client's payload travels compressed: as its difference from the tensor of the same name
 in the server's message when there is one (a weight's update, not the weight: updates are small and centred, so
@@ -20,6 +21,15 @@ v + e instead of v, keeping e' = v + e - D(C(v + e)) (error feedback, Seide et a
 what the server receives over rounds adds up to the sum of the true updates minus the last residual. The residual
 stays with the client: in the simulation in the strategy's state (round checkpoints; gathered across the ranks of
 a client-parallel round), on Flower in the SuperNode's state file.
+
+With `downlink_compression`, every server message travels in the same formats as its difference from the message
+at the start of the run (`Strategy.downlink_reference`: the initial model's values, which every client builds
+itself), so what is quantized is how far training has moved the model, not the weights. A client trains from the
+message it decodes, M^ = M0 + D(C(M - M0)); the server applies its update to the exact message (`translated`: a
+payload tensor W_k becomes W_k + M - M^; with a compressed uplink, decoding the update against M does it), so the
+quantization error of one round's message perturbs where that round's clients start and is not carried into the
+global model. Only strategies whose message is the state their clients train from take it
+(`Capabilities.compressed_downlink`).
 """
 
 from __future__ import annotations
@@ -70,6 +80,21 @@ def dequantized(parts: TensorDict, fmt: str, block: int) -> torch.Tensor:
     return flat.float().reshape(shape)
 
 
+def translated(payload: TensorDict, message: TensorDict, received: TensorDict) -> TensorDict:
+    """A client's `payload` as if it had started from the exact `message` rather than the decoded one it
+    `received`: each tensor of a message's name moved by message - received (its update kept, applied to the exact
+    message)."""
+    out = {}
+    for name, tensor in payload.items():
+        exact = message.get(name)
+        if exact is None or exact.shape != tensor.shape or not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        shift = exact.detach().float() - received[name].detach().float().to(exact.device)
+        out[name] = (tensor.detach().float() + shift.to(tensor.device)).to(tensor.dtype)
+    return out
+
+
 def compressible(name: str, tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and tensor.numel() > 0 and SEPARATOR not in name
 
@@ -89,6 +114,14 @@ class UpdateCompressor:
         if args.update_compression == "none":
             return None
         return cls(args.update_compression, args.compression_block_size, args.compression_error_feedback)
+
+    @classmethod
+    def for_downlink(cls, args) -> UpdateCompressor | None:
+        """The server messages' compression (`downlink_compression`): against the run's initial message, without
+        error feedback (the server applies each update to its exact message, so the error does not add up)."""
+        if args.downlink_compression == "none":
+            return None
+        return cls(args.downlink_compression, args.compression_block_size, error_feedback=False)
 
     def encoded(self, payload: TensorDict, message: TensorDict, client_id) -> TensorDict:
         """The payload as it travels: each floating tensor's difference from `message` (or itself) compressed."""

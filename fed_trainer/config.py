@@ -215,6 +215,16 @@ class FederatedConfig(TrainingArguments):
             "so what the server receives over rounds tracks the uncompressed updates."
         },
     )
+    downlink_compression: str = field(
+        default="none",
+        metadata={
+            "help": "How every server message travels: 'none', 'bf16', 'int8' or 'nf4' (as update_compression, with "
+            "compression_block_size), each tensor as its difference from its value at the start of the run, which "
+            "every client holds; the server applies each client's update to the exact global model. For the "
+            "strategies that declare compressed_downlink (fed_trainer.compression).",
+            "choices": list(COMPRESSION_FORMATS),
+        },
+    )
     server_optimizer: str = field(
         default="none",
         metadata={
@@ -405,11 +415,12 @@ class FederatedConfig(TrainingArguments):
     def _check_compression(self) -> None:
         if self.update_compression == "none" and self.compression_error_feedback:
             raise ValueError("compression_error_feedback needs update_compression ('bf16', 'int8' or 'nf4').")
-        if self.update_compression != "none" and deepspeed_zero_stage(self.deepspeed) > 0:
-            raise ValueError(
-                "update_compression under DeepSpeed ZeRO is not supported (the payloads are partitions): drop "
-                "update_compression, or the DeepSpeed config."
-            )
+        for name in ("update_compression", "downlink_compression"):
+            if getattr(self, name) != "none" and deepspeed_zero_stage(self.deepspeed) > 0:
+                raise ValueError(
+                    f"{name} under DeepSpeed ZeRO is not supported (the tensors are partitions): drop {name}, or "
+                    "the DeepSpeed config."
+                )
 
     def _check_server_optimizer(self) -> None:
         rule = self.server_optimizer

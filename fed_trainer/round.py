@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from fed_trainer.callbacks import call_federated_event
 from fed_trainer.client_eval import local_scores
+from fed_trainer.compression import translated
 from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
 from fed_trainer.privacy import privacy_spent
 from fed_trainer.server_state import OnDevice
@@ -90,7 +91,7 @@ class Round:
         self.accepted: list = []  # clients whose update went into the aggregate
         self.rejected: list = []  # clients whose update held NaN or Inf
         self.bytes_up = self.bytes_down = 0
-        self.messages: dict = {}  # the messages sent, while their replies are awaited (compressed payloads only)
+        self.messages: dict = {}  # (message, as sent) by client, while its reply is awaited (compressed traffic only)
         self.notes: dict = {}  # what the executor adds to the round's log (Flower: where its nodes' time went)
 
     def plan(self, position: int) -> ClientPlan:
@@ -103,19 +104,26 @@ class Round:
         )
 
     def message(self, client_id) -> TensorDict:
-        """The server's message to `client_id` this round (its bytes counted)."""
-        message = self.strategy.server_message(client_id)
-        self.bytes_down += self.strategy.traffic_bytes(message)
-        if self.strategy.compressor is not None:  # its reply is decoded against it
-            self.messages[client_id] = message
-        return message
+        """The server's message to `client_id` this round, as it travels (its bytes counted)."""
+        strategy = self.strategy
+        message = strategy.server_message(client_id)
+        sent = strategy.sent_message(message)
+        self.bytes_down += strategy.traffic_bytes(sent)
+        if strategy.compressor is not None or strategy.downlink is not None:  # its reply is decoded against it
+            self.messages[client_id] = message, sent
+        return sent
 
     def receive(self, client_id, payload: TensorDict, loss: float) -> None:
         """A client's reply (its bytes counted, as it travelled): aggregated, or rejected if it holds NaN or Inf."""
         self.losses[client_id] = loss
         self.bytes_up += self.strategy.traffic_bytes(payload)
-        if self.strategy.compressor is not None:
-            payload = self.strategy.compressor.decoded(payload, self.messages.pop(client_id))
+        strategy = self.strategy
+        if client_id in self.messages:
+            message, sent = self.messages.pop(client_id)
+            if strategy.compressor is not None:  # the update against what the client received, onto the message
+                payload = strategy.compressor.decoded(payload, message)
+            else:
+                payload = translated(payload, message, strategy.received_message(sent))
         bad = next((name for name, t in payload.items() if not torch.isfinite(t).all()), None)
         if self.strategy.sharded and all_reduce_scalar(float(bad is not None)) > 0:  # each rank sees its shards
             bad = bad or "another rank's shard"
@@ -226,10 +234,11 @@ def fire(trainer: FederatedTrainer, name: str, **kwargs) -> None:
 
 
 def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message: TensorDict, plan: ClientPlan):
-    """One client's side of a round on `trainer`'s model: load the server's `message`, train, and return
-    (payload, `TrainOutput`). The client events fire around the training: `on_client_begin` on the loaded model,
-    `on_client_end` on the trained one before the payload is taken from it."""
+    """One client's side of a round on `trainer`'s model: load the server's `message` (as it travelled), train, and
+    return (payload, `TrainOutput`). The client events fire around the training: `on_client_begin` on the loaded
+    model, `on_client_end` on the trained one before the payload is taken from it."""
     strategy, runner, model = trainer.strategy, trainer.client_runner, trainer.model
+    message = strategy.received_message(message)
     strategy.load_client(model, OnDevice(message, trainer.args.device), client_id)
     reload_partitions(runner.engine)
     event = dict(client_id=client_id, model=model, num_examples=len(dataset))
@@ -257,7 +266,7 @@ def remote_update(
     compressor = strategy.compressor
     if compressor is not None:
         compressor.catch_up(kept)
-    kept = strategy.catch_up(trainer.model, message, kept)
+    kept = strategy.catch_up(trainer.model, strategy.received_message(message), kept)
     payload, output = local_update(trainer, client_id, trainer.client_datasets[client_id], message, plan)
     residual = {} if compressor is None else compressor.client_state(client_id)
     return payload, output, {**kept, **strategy.client_state(client_id), **residual}

@@ -140,7 +140,9 @@ class FederatedTrainer(Trainer):
         strategy supports the run's set-up."""
         peft_configs = client_lora_configs(list(self.client_datasets), *self._peft_configs)
         check_capabilities(self.strategy, args, peft_configs, quantization_of(model), isinstance(model, PeftModel))
-        return self.strategy.setup(model, args, peft_configs)
+        model = self.strategy.setup(model, args, peft_configs)
+        self.strategy.keep_downlink_reference()
+        return model
 
     def client_trainer_kwargs(self) -> dict:
         """Arguments of the client trainer beyond its model, args, processing class and optimizer class (see

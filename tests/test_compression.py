@@ -10,11 +10,12 @@ from bitsandbytes.functional import create_dynamic_map, get_4bit_type
 from conftest import tiny_bert, toy_dataset
 from contract_setup import STRATEGIES, build
 
-from fed_trainer import FederatedTrainer
+from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.compression import UpdateCompressor, dequantized, quantized
 from fed_trainer.flower.remote import record_tensors, tensor_record
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.base import tensor_bytes
+from fed_trainer.strategies.registry import strategy_class
 
 CLIENTS = [toy_dataset(n, seed) for seed, n in enumerate([8, 16, 24], start=1)]
 CODES = {"int8": create_dynamic_map(), "nf4": get_4bit_type("nf4", device="cpu")}
@@ -140,3 +141,125 @@ def test_every_strategy_trains_on_int8_uplinks_and_logs_their_exact_bytes(make_c
     trainer.strategy.client_payload = counted
     trainer.train()
     assert next(e["bytes_up"] for e in trainer.state.log_history if "round" in e) == expected[0] > 0
+
+
+class Starts(FederatedCallback):
+    """Each round's global model (at its end) and each client's trainable weights as it starts and ends, by round."""
+
+    def __init__(self) -> None:
+        self.begin, self.end, self.globals, self.round = {}, {}, {}, 0
+
+    @staticmethod
+    def trainable(model) -> dict:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_round_begin(self, args, state, control, round=None, **kwargs):
+        self.round = round
+
+    def on_client_begin(self, args, state, control, client_id=None, model=None, **kwargs):
+        self.begin[(self.round, client_id)] = self.trainable(model)
+
+    def on_client_end(self, args, state, control, client_id=None, model=None, **kwargs):
+        self.end[(self.round, client_id)] = self.trainable(model)
+
+    def on_round_end(self, args, state, control, round=None, model=None, **kwargs):
+        self.globals[round] = self.trainable(model)
+
+
+@pytest.mark.parametrize("uplink", ["none", "nf4"])
+def test_a_compressed_downlink_starts_clients_from_the_decoded_message_and_applies_updates_to_the_exact_one(
+    make_config, uplink
+):
+    """int8 messages on FedAvg (mean weighting, no server optimizer), with a plain and a compressed uplink: in round
+    2 every client starts from M0 + D(C(M1 - M0)), computed here with bitsandbytes' blockwise functions from M0 (the
+    initial weights) and M1 (round 1's global model); round 2's global model is M1 plus the mean of the clients'
+    updates W_k - start_k (exactly without uplink compression; with nf4 uplinks, within nf4's bound);
+    and round 2's bytes down are the int8 sizes of the messages."""
+    import bitsandbytes.functional as bnb
+
+    recorder = Starts()
+    initial = Starts.trainable(tiny_bert(dropout=0.0))
+    trainer = FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, callbacks=[recorder],
+                               args=make_config(learning_rate=3e-3, client_weighting="uniform",
+                                                downlink_compression="int8", update_compression=uplink))  # fmt: skip
+    trainer.train()
+    before = recorder.globals[1]
+    expected_bytes = 0
+    for name, value in before.items():
+        codes, state = bnb.quantize_blockwise((value - initial[name]).reshape(-1).contiguous(), blocksize=64)
+        start = initial[name] + bnb.dequantize_blockwise(codes, state, blocksize=64).reshape(value.shape)
+        assert not torch.equal(start, value), name  # the message was compressed: the clients did not get M1
+        for client in range(3):
+            torch.testing.assert_close(recorder.begin[(2, client)][name], start, rtol=0, atol=1e-7, msg=name)
+        expected_bytes += 3 * (value.numel() + 4 * math.ceil(value.numel() / 64) + 8 * value.dim())
+        updates = [recorder.end[(2, c)][name] - recorder.begin[(2, c)][name] for c in range(3)]
+        update = sum(updates) / 3
+        # nf4: each value within half the code's largest gap times its block's absmax (at most the update's largest)
+        bound = largest_gap(CODES["nf4"]) / 2 * max(u.abs().max().item() for u in updates)
+        tolerance = 1e-6 if uplink == "none" else bound + 1e-6
+        torch.testing.assert_close(recorder.globals[2][name], before[name] + update, rtol=0, atol=tolerance, msg=name)
+    rounds = [e for e in trainer.state.log_history if "round" in e]
+    assert rounds[1]["bytes_down"] == expected_bytes
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_trains_from_int8_messages_near_its_plain_run_or_refuses_them(make_config, name):
+    """Two rounds on int8 messages end near the plain run (relative to how far that run moved the trainable
+    weights), round 2's messages logged at their int8 size (1 byte a value, a float32 scale per 64 values and the
+    int64 shape, for every floating tensor of each client's message); a strategy that does not declare
+    `compressed_downlink` refuses it when built, naming those that do."""
+    if not strategy_class(name).capabilities.compressed_downlink:
+        with pytest.raises(ValueError, match=r"does not support a compressed downlink.*'fedavg'"):
+            build(make_config, name, downlink_compression="int8")
+        return
+    runs = {}
+    for fmt in ("none", "int8"):
+        trainer = build(make_config, name, downlink_compression=fmt)
+        trainer.train()
+        runs[fmt] = trainer
+    start = dict(build(make_config, name).model.named_parameters())
+    trained = {fmt: dict(t.model.named_parameters()) for fmt, t in runs.items()}
+    names = [n for n, p in trained["none"].items() if p.requires_grad]
+    moved = sum(((trained["none"][n] - start[n]) ** 2).sum() for n in names).sqrt().item()
+    gap = sum(((trained["int8"][n] - trained["none"][n]) ** 2).sum() for n in names).sqrt().item()
+    assert gap < 0.1 * moved, (gap, moved)
+    down = {fmt: [e["bytes_down"] for e in t.state.log_history if "round" in e][1] for fmt, t in runs.items()}
+    messages = [runs["none"].strategy.server_message(client) for client in range(len(CLIENTS))]
+    as_int8 = sum(t.numel() + 4 * math.ceil(t.numel() / 64) + 8 * t.dim() if t.is_floating_point() and t.numel()
+                  else tensor_bytes({"": t}) for message in messages for t in message.values())  # fmt: skip
+    assert down["none"] == sum(tensor_bytes(message) for message in messages)
+    assert down["int8"] == as_int8 < down["none"]
+
+
+class NodesInProcess:
+    """A `ClientExecutor` that hands each client its message through a Flower record to a trainer built afresh, as
+    a SuperNode builds one for every message (`remote_update`), and its payload back through a record."""
+
+    def __init__(self, build) -> None:
+        self.build = build
+
+    def train(self, round) -> None:
+        for position, client_id in enumerate(round.client_ids):
+            message = record_tensors(tensor_record(round.message(client_id)))
+            node = self.build()
+            payload, output, _ = remote_update(node, round.number, client_id, message, round.plan(position), {})
+            round.receive(client_id, record_tensors(tensor_record(payload)), output.training_loss)
+
+
+def test_supernodes_decode_compressed_messages_against_the_model_they_build_and_end_where_the_simulation_ends(
+    make_config,
+):
+    config = dict(num_rounds=3, learning_rate=3e-3, downlink_compression="nf4", update_compression="int8")
+
+    def build():
+        return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, args=make_config(**config))
+
+    simulated, served = build(), build()
+    simulated.train()
+    served.client_executor = NodesInProcess(build)
+    served.train()
+    expected = simulated.model.state_dict()
+    for name, value in served.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    rounds = [[e["bytes_down"] for e in t.state.log_history if "round" in e] for t in (served, simulated)]
+    assert rounds[0] == rounds[1]

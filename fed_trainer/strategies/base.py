@@ -64,6 +64,8 @@ class Strategy(ABC):
         self.round_number = 0  # the round in progress (set by `begin_round`)
         self.server_optimizer: ServerOptimizer | None = None  # the server's step on round updates (`setup`)
         self.compressor: UpdateCompressor | None = None  # how payloads travel (`update_compression`; `setup`)
+        self.downlink: UpdateCompressor | None = None  # how messages travel (`downlink_compression`; `setup`)
+        self.downlink_reference: TensorDict = {}  # the message at the start of the run (`keep_downlink_reference`)
         self.state_device: torch.device | None = None  # where the server state lives (None: the payloads' device)
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
@@ -74,7 +76,23 @@ class Strategy(ABC):
         self.args = args
         self.server_optimizer = ServerOptimizer.from_args(args)
         self.compressor = UpdateCompressor.from_args(args)
+        self.downlink = UpdateCompressor.for_downlink(args)
         return model
+
+    def keep_downlink_reference(self) -> None:
+        """With a compressed downlink, keep the message at the start of the run (every client builds the same
+        initial model, so it holds these values too): messages travel as their difference from it. Called once the
+        set-up is done, before any round (and before a checkpoint is resumed)."""
+        if self.downlink is not None:
+            self.downlink_reference = {name: t.detach().clone() for name, t in self.server_message(None).items()}
+
+    def sent_message(self, message: TensorDict) -> TensorDict:
+        """`message` as it travels (compressed against `downlink_reference` with a compressed downlink)."""
+        return message if self.downlink is None else self.downlink.encoded(message, self.downlink_reference, None)
+
+    def received_message(self, sent: TensorDict) -> TensorDict:
+        """The message a client decodes from what was `sent` (`sent_message`)."""
+        return sent if self.downlink is None else self.downlink.decoded(sent, self.downlink_reference)
 
     def client_callbacks(self) -> list:
         """`TrainerCallback`s added to the client trainer, for a strategy that records what happens during local

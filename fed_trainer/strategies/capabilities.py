@@ -36,6 +36,9 @@ class Capabilities:
             base).
         local_optimizer: the `optim` its clients must train with, or None for any.
         server_optimizer: a server optimizer (`server_optimizer`, FedAdam and its kin) can step its round update.
+        compressed_downlink: its messages may travel compressed (`downlink_compression`): a client starts from the
+            message it decodes, and its payload's tensors of the message's names are trained values of them, so the
+            server applies each client's update to the exact message (`fed_trainer.compression.translated`).
     """
 
     lora: bool = False
@@ -49,6 +52,7 @@ class Capabilities:
     reads_base: bool = False
     local_optimizer: str | None = None
     server_optimizer: bool = False
+    compressed_downlink: bool = False
 
 
 # capability -> (column of the generated tables, what a user asks for when it is needed)
@@ -68,6 +72,7 @@ COLUMNS = {
     "reads_base": ("adapters from base weights", "adapters computed from the base weights"),
     "local_optimizer": ("client optimizer", "a client optimizer"),
     "server_optimizer": ("server optimizer", "a server optimizer (server_optimizer)"),
+    "compressed_downlink": ("compressed downlink", "a compressed downlink (downlink_compression)"),
 }
 
 
@@ -165,6 +170,13 @@ def check_capabilities(
         raise ValueError(
             f"strategy {strategy.name!r} needs optim={caps.local_optimizer!r} (with optim_target_modules), got "
             f"optim={optim!r}; use strategy='fedavg' for other optimizers."
+        )
+    if args.downlink_compression != "none" and not caps.compressed_downlink:
+        raise refused(
+            strategy,
+            "compressed_downlink",
+            "Its message is not the state its clients train from (or its clients keep what they build from it), "
+            "so a client's update cannot be put back onto the exact message: use downlink_compression='none'.",
         )
     if args.server_optimizer != "none" and not caps.server_optimizer:
         raise refused(strategy, "server_optimizer", "Use server_optimizer='none' (docs/methods.md says why).")

@@ -50,7 +50,9 @@ class FedAvg(Strategy):
     paper = ("Communication-Efficient Learning of Deep Networks from Decentralized Data", "1602.05629")
 
     title = "FedAvg (full weights)"
-    capabilities = Capabilities(exact=True, robust_rules=True, zero3=True, undo_round=True, server_optimizer=True)
+    capabilities = Capabilities(
+        exact=True, robust_rules=True, zero3=True, undo_round=True, server_optimizer=True, compressed_downlink=True
+    )
 
     def averaged_state(self, model: nn.Module) -> TensorDict:
         """The live tensors that are sent both ways and averaged with weights p_k."""

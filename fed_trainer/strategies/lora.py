@@ -122,7 +122,9 @@ class LoraStrategy(FedAvg):
     included, is averaged entry by entry. Subclasses change what travels and how the aggregate is applied.
     """
 
-    capabilities = Capabilities(lora=True, robust_rules=True, zero3=True, undo_round=True, server_optimizer=True)
+    capabilities = Capabilities(
+        lora=True, robust_rules=True, zero3=True, undo_round=True, server_optimizer=True, compressed_downlink=True
+    )
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         self.client_configs = self._checked_configs(peft_configs)

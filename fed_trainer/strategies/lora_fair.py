@@ -38,7 +38,7 @@ class LoRAFAIR(ProductAveragingLora):
     # the correction needs every client's product (no robust rule picks one) and sets B after the average (no
     # server optimizer steps it); under ZeRO-3 the factors are partitions
     capabilities = dataclasses.replace(
-        LoraStrategy.capabilities, robust_rules=False, zero3=False, server_optimizer=False
+        LoraStrategy.capabilities, robust_rules=False, zero3=False, server_optimizer=False, compressed_downlink=False
     )
 
     def __init__(self, ridge: float = 1e-3) -> None:  # FederatedConfig(strategy_kwargs={"ridge": 1e-2})
