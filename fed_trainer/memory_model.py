@@ -39,11 +39,15 @@ def server_state_bytes(
     server_dtype: str = "float32",
     strategy: str = "fedavg",
     payloads_kept: int = 0,
+    downlink_reference: bool = False,
 ) -> int:
     """Bytes of the server state over `trainable` averaged values of `dtype_bytes` each (a ZeRO-3 rank: its
-    partition's). `payloads_kept`: the clients' payloads a robust aggregation rule keeps at once (0: a running sum)."""
+    partition's). `payloads_kept`: the clients' payloads a robust aggregation rule keeps at once (0: a running sum);
+    `downlink_reference`: a compressed downlink's copy of the initial message, in the model's dtype."""
     master = FLOAT32 if server_dtype == "float32" and dtype_bytes < FLOAT32 else dtype_bytes
     per_value = master + FLOAT32 * (max(payloads_kept, 1) + OPTIMIZER_BUFFERS[server_optimizer])
+    if downlink_reference:
+        per_value += dtype_bytes
     if strategy == "scaffold":
         per_value += 2 * FLOAT32
     return trainable * per_value

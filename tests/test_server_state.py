@@ -39,7 +39,7 @@ def test_a_view_on_the_tensors_own_device_hands_out_the_tensors_themselves():
 
 def held_bytes(strategy) -> int:
     """Bytes of every tensor the strategy holds as server state after a round, counted from the tensors."""
-    groups = [strategy.global_state, strategy._sum]
+    groups = [strategy.global_state, strategy._sum, strategy.downlink_reference]
     if strategy.server_optimizer is not None:
         groups += list(strategy.server_optimizer.state.values())
     if strategy.name == "scaffold":
@@ -48,25 +48,27 @@ def held_bytes(strategy) -> int:
 
 
 @pytest.mark.parametrize(
-    "strategy, server_optimizer, dtype, server_dtype",
+    "strategy, server_optimizer, dtype, server_dtype, downlink",
     [
-        ("fedavg", "none", torch.float32, "float32"),
-        ("fedavg", "fedadam", torch.float32, "float32"),
-        ("fedavg", "fedavgm", torch.bfloat16, "float32"),
-        ("fedavg", "fedyogi", torch.bfloat16, "model"),
-        ("scaffold", "none", torch.float32, "float32"),
+        ("fedavg", "none", torch.float32, "float32", "none"),
+        ("fedavg", "fedadam", torch.float32, "float32", "none"),
+        ("fedavg", "fedavgm", torch.bfloat16, "float32", "none"),
+        ("fedavg", "fedyogi", torch.bfloat16, "model", "none"),
+        ("scaffold", "none", torch.float32, "float32", "none"),
+        ("fedavg", "none", torch.bfloat16, "float32", "int8"),
     ],
 )
 def test_the_memory_model_counts_the_server_state_a_round_leaves(make_config, strategy, server_optimizer, dtype,
-                                                                  server_dtype):  # fmt: skip
+                                                                  server_dtype, downlink):  # fmt: skip
     args = make_config(num_clients=2, strategy=strategy, server_optimizer=server_optimizer, server_dtype=server_dtype,
-                       server_state_device="cpu", optim="sgd")  # fmt: skip
+                       server_state_device="cpu", optim="sgd", downlink_compression=downlink)  # fmt: skip
     clients = [toy_dataset(8, seed) for seed in range(2)]
     trainer = FederatedTrainer(model=tiny_bert().to(dtype), client_datasets=clients, args=args)
     trainer.train()
     trained = [p for p in trainer.model.parameters() if p.requires_grad]
     predicted = server_state_bytes(sum(p.numel() for p in trained), trained[0].element_size(), strategy=strategy,
-                                   server_optimizer=server_optimizer, server_dtype=server_dtype)  # fmt: skip
+                                   server_optimizer=server_optimizer, server_dtype=server_dtype,
+                                   downlink_reference=downlink != "none")  # fmt: skip
     assert held_bytes(trainer.strategy) == predicted
     assert {t.device for t in trainer.strategy.global_state.values()} == {CPU}
 

@@ -89,6 +89,7 @@ class FedAvg(Strategy):
             server_dtype=args.server_dtype,
             strategy=self.name,
             payloads_kept=0 if args.aggregation_rule == "mean" else args.clients_sampled_per_round,
+            downlink_reference=args.downlink_compression != "none",
         )
         optim = str(getattr(args.optim, "value", args.optim))
         training = client_training_bytes(params, trainable, dtype_bytes, optim=optim, strategy=self.name)
