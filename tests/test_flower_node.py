@@ -165,3 +165,25 @@ def test_warm_supernodes_end_with_the_simulations_model_loading_their_data_once_
     assert gone_within(workers[0], 10)
     assert psutil.pid_exists(workers[1])  # the other node's
     assert gone_within(workers[-1], 30)
+
+
+def test_a_worker_that_dies_mid_message_fails_that_message_and_the_next_message_starts_a_new_one(
+    tmp_path, monkeypatch, workers
+):
+    monkeypatch.syspath_prepend(str(APP))
+    run_config = {"fed-args": f"{TINY} --output_dir {tmp_path / 'out'}", "num-clients": 2}
+    dying = Context(run_id=9, node_id=200, node_config={"partition-id": 0, "state-dir": str(tmp_path),
+                    "die-in-build": True}, state=RecordDict(), run_config=run_config)  # fmt: skip
+    app = warm_client_app("warm_node:build_trainer", "warm_node:load_client_data")
+    client_id, size = introduced(app(flower_message(MessageType.QUERY, RecordDict(), dying), dying).content)
+    workers.append(worker_pid(dying))
+    order = EvalOrder(1, client_id, {client_id: size, 1: size})
+    content = RecordDict({"arrays": tensor_record({}), "config": order.record()})
+    with pytest.raises(RuntimeError, match="worker process ended while answering this evaluate message; its log"):
+        app(flower_message(MessageType.EVALUATE, content, dying), dying)  # it builds the trainer, and dies
+    assert gone_within(workers[0], 10)
+    healthy = Context(run_id=9, node_id=200, node_config={"partition-id": 0, "state-dir": str(tmp_path)},
+                      state=RecordDict(), run_config=run_config)  # fmt: skip
+    assert introduced(app(flower_message(MessageType.QUERY, RecordDict(), healthy), healthy).content) == (0, size)
+    workers.append(worker_pid(healthy))
+    assert workers[1] != workers[0] and psutil.pid_exists(workers[1])

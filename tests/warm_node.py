@@ -20,4 +20,6 @@ def load_client_data(context):
 
 def build_trainer(context, client_datasets):
     noted(context, "builds")
+    if context.node_config.get("die-in-build"):  # a worker killed mid-message (out of memory, say)
+        os._exit(3)
     return flower_trainer(context, client_datasets)

@@ -83,11 +83,11 @@ def warm_client_app(build_trainer: str, load_client_data: str) -> ClientApp:
                 outcome, value = pickle.loads(connection.recv_bytes())
             except EOFError:
                 raise RuntimeError(
-                    f"the SuperNode's worker process ended while answering a {kind} message; its log: "
+                    f"the SuperNode's worker process ended while answering this {kind} message; its log: "
                     f"{worker_files(context)[1]}"
                 ) from None
         if outcome == "error":
-            raise RuntimeError(f"the SuperNode's worker process failed on a {kind} message:\n{value}")
+            raise RuntimeError(f"the SuperNode's worker process failed on this {kind} message:\n{value}")
         return value
 
     return answering_app(reply)
