@@ -37,13 +37,19 @@ def imported(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def context_key(context: Context) -> tuple:
+    """The run, the node and their configs: what `load_client_data` and `build_trainer` read of a context."""
+    configs = (json.dumps(dict(c), sort_keys=True, default=str) for c in (context.node_config, context.run_config))
+    return (context.run_id, context.node_id, *configs)
+
+
 def kept_data(load_client_data: DataLoader) -> DataLoader:
-    """`load_client_data` loading each node's data once (by run, node and node config) and handing the same
+    """`load_client_data` loading each node's data once (by `context_key`) and handing the same
     `(client_id, dataset)` to every later message."""
     loaded: dict = {}
 
     def load(context: Context):
-        key = (context.run_id, context.node_id, json.dumps(dict(context.node_config), sort_keys=True, default=str))
+        key = context_key(context)
         if key not in loaded:
             loaded[key] = load_client_data(context)
         return loaded[key]
@@ -52,11 +58,10 @@ def kept_data(load_client_data: DataLoader) -> DataLoader:
 
 
 def build_key(context: Context, client_datasets) -> tuple:
-    """What a trainer's build depends on: the run, the node and their configs, and the roster (this node's dataset
-    by identity: `kept_data` hands every message the same one; the others by size)."""
-    configs = (json.dumps(dict(c), sort_keys=True, default=str) for c in (context.node_config, context.run_config))
+    """What a trainer's build depends on: the context (`context_key`) and the roster (this node's dataset by
+    identity: `kept_data` hands every message the same one; the others by size)."""
     roster = tuple((cid, len(d) if isinstance(d, RemoteClient) else id(d)) for cid, d in client_datasets.items())
-    return (context.run_id, context.node_id, *configs, roster)
+    return (*context_key(context), roster)
 
 
 class AheadBuilder:
