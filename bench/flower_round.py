@@ -3,12 +3,13 @@
 Runs examples/flower (all-MiniLM-L6-v2 on BBC News, 2 clients, `--fed-args`) twice: in this process (the
 simulation) and with `flwr run` on a SuperLink and two SuperNodes on 127.0.0.1 (tests/loopback.py), then flwr's own
 round trip on the same deployment (bench/flower_echo: a tiny message to both SuperNodes, echoed by a ClientApp that
-imports flwr alone; the floor under any round). Both runs log each round's `round_runtime`; the deployed run also
-logs where its nodes' time went (`fed_trainer.flower.server_app.GridClients`): `nodes_s` (sending the messages to
-the last reply) and the nodes' mean `node_delivery_s` (sending to the ClientApp process's start), `node_start_s`
-(the ClientApp process's start and imports, and the hand-over to the node's warm worker), `node_build_s` (the
-trainer, unless built ahead), `node_update_s` (loading the message, training, the payload), `node_train_s` (the
-local steps alone) and `node_return_s` (the node's end to the server's having the reply). Reported per round and as
+imports flwr alone, timed with the deployed round's exchange; the floor under any round). Both runs log each
+round's `round_runtime`; the deployed run also logs where its nodes' time went
+(`fed_trainer.flower.server_app.GridClients`): `nodes_s` (sending the messages to the last reply) and the nodes'
+mean `node_delivery_s` (sending to the ClientApp process's start), `node_start_s` (the ClientApp process's start and
+imports, and the hand-over to the node's warm worker), `node_build_s` (the trainer, unless built ahead),
+`node_update_s` (loading the message, training, the payload), `node_train_s` (the local steps alone) and
+`node_return_s` (the node's end to the server's having the reply). Reported per round and as
 medians, with the ratio of the deployed round to the simulated one (goal: at most 1.2).
 
     python bench/flower_round.py --json bench/results/flower_round.json
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +46,7 @@ def rounds_of(output_dir: Path) -> list[dict]:
 def echo_round_trips(deployment: Deployment, out: Path, rounds: int) -> list[float]:
     """flwr's own round trip on `deployment`, `rounds` times: a tiny message to both SuperNodes, which echo it
     (bench/flower_echo: its ClientApp imports flwr alone), seconds until the server has both replies."""
-    done = subprocess.run(flwr_run(ECHO, f"out='{out}' rounds={rounds}"), capture_output=True, text=True,
-                          env=deployment.env, cwd=deployment.root, timeout=300)  # fmt: skip
-    assert done.returncode == 0 and out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    deployment.run_app(flwr_run(ECHO, f"out='{out}' rounds={rounds}"), out)
     return json.loads(out.read_text())
 
 

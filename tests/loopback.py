@@ -162,13 +162,13 @@ class Deployment:
 
     def run(self, fed_args: str, output_dir: Path) -> Path:
         """`flwr run` the example app with `fed_args`; its output folder once the run has finished."""
-        done = subprocess.run(
-            self.command(fed_args, output_dir), capture_output=True, text=True, env=self.env, cwd=self.root,
-            timeout=400,
-        )  # fmt: skip
-        logs = done.stdout[-3000:] + done.stderr[-3000:]
-        assert done.returncode == 0 and (output_dir / "model.safetensors").exists(), logs
+        self.run_app(self.command(fed_args, output_dir), output_dir / "model.safetensors")
         return output_dir
+
+    def run_app(self, command: list[str], written: Path) -> None:
+        """Run `command` (a `flwr_run`) to its end; check that it succeeded and wrote `written`."""
+        done = subprocess.run(command, capture_output=True, text=True, env=self.env, cwd=self.root, timeout=400)
+        assert done.returncode == 0 and written.exists(), done.stdout[-3000:] + done.stderr[-3000:]
 
     def run_signalling_node(
         self, k: int, fed_args: str, output_dir: Path, sig: int = signal.SIGKILL, round_timeout: int = 300
