@@ -9,6 +9,7 @@ import torch
 from bitsandbytes.functional import create_dynamic_map, get_4bit_type
 from conftest import tiny_bert, toy_dataset
 from contract_setup import STRATEGIES, build
+from supernodes import SuperNodesInProcess
 
 from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.compression import UpdateCompressor, dequantized, quantized
@@ -231,32 +232,18 @@ def test_every_strategy_trains_from_int8_messages_near_its_plain_run_or_refuses_
     assert down["int8"] == as_int8 < down["none"]
 
 
-class NodesInProcess:
-    """A `ClientExecutor` that hands each client its message through a Flower record to a trainer built afresh, as
-    a SuperNode builds one for every message (`remote_update`), and its payload back through a record."""
-
-    def __init__(self, build) -> None:
-        self.build = build
-
-    def train(self, round) -> None:
-        for position, client_id in enumerate(round.client_ids):
-            message = record_tensors(tensor_record(round.message(client_id)))
-            node = self.build()
-            payload, output, _ = remote_update(node, round.number, client_id, message, round.plan(position), {})
-            round.receive(client_id, record_tensors(tensor_record(payload)), output.training_loss)
-
-
 def test_supernodes_decode_compressed_messages_against_the_model_they_build_and_end_where_the_simulation_ends(
-    make_config,
+    make_config, tmp_path
 ):
     config = dict(num_rounds=3, learning_rate=3e-3, downlink_compression="nf4", update_compression="int8")
 
-    def build():
-        return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, args=make_config(**config))
+    def build(context=None, client_datasets=CLIENTS):
+        return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets,
+                                args=make_config(**config))  # fmt: skip
 
     simulated, served = build(), build()
     simulated.train()
-    served.client_executor = NodesInProcess(build)
+    served.client_executor = SuperNodesInProcess(build, CLIENTS, tmp_path / "nodes")
     served.train()
     expected = simulated.model.state_dict()
     for name, value in served.model.state_dict().items():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from recording import Record, aggregation_gaps
+from supernodes import SuperNodesInProcess
 from transformers import AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -159,30 +160,6 @@ def test_datasets_are_prepared_once_and_the_global_model_is_evaluated_as_trl_doe
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]  # the held-out answers got likelier
 
 
-class SuperNodesInProcess:
-    """A `ClientExecutor` that sends each client the records a Flower server sends (`train_content`) and has the node
-    side (`train_reply`) answer them in this process, each message on a trainer built afresh from that node's own
-    raw data, as on a SuperNode. It stands in for the Flower transport, which tests/test_flower.py runs on loopback."""
-
-    def __init__(self, build, clients: list) -> None:
-        self.build, self.clients = build, clients
-
-    def train(self, round) -> None:
-        from flwr.app import Context, RecordDict
-
-        from fed_trainer.flower import train_reply
-        from fed_trainer.flower.remote import roster, trained
-        from fed_trainer.flower.server_app import train_content
-
-        everyone = roster(round.trainer)
-        for position, client_id in enumerate(round.client_ids):
-            content = train_content(round, position, everyone)
-            node = Context(run_id=1, node_id=client_id, node_config={}, state=RecordDict(), run_config={})
-            data = lambda context, cid=client_id: (cid, self.clients[cid])  # noqa: E731
-            reply = train_reply(self.build, data, content, node)
-            round.receive(client_id, *trained(reply))
-
-
 def test_sft_clients_on_supernodes_end_with_the_simulations_global_model(tokenizer, tmp_path):
     clients = [qa_data("conversational", 0, 8), qa_data("conversational", 8, 12)]
 
@@ -196,7 +173,7 @@ def test_sft_clients_on_supernodes_end_with_the_simulations_global_model(tokeniz
     simulated = build(None, clients)
     simulated.train()
     served = build(None, clients)
-    served.client_executor = SuperNodesInProcess(build, clients)
+    served.client_executor = SuperNodesInProcess(build, clients, tmp_path / "nodes")
     served.train()
     expected = simulated.merged_model().state_dict()
     for name, value in served.merged_model().state_dict().items():
