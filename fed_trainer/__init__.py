@@ -49,12 +49,24 @@ if TYPE_CHECKING:
     from fed_trainer.trainer import FederatedTrainer
 
 
-def __getattr__(name: str):
-    if name in _MODULES:
-        # kept here, as the eager `from ... import name` did: a submodule of the same name (`server_app`) is bound
-        # to the package by its import, and must not shadow the function
-        value = globals()[name] = getattr(importlib.import_module(_MODULES[name]), name)
+def _imported_on_first_use(namespace: dict, modules: dict[str, str]):
+    """A package's `__getattr__` (PEP 562) that imports each name of `modules` from its module on first use and
+    keeps it in the package's `namespace`, as an eager `from module import name` would: so a submodule of the same
+    name (`fed_trainer.flower.server_app`), which its import binds to the package, does not shadow it."""
+
+    def imported(name: str):
+        if name not in modules:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+        value = namespace[name] = getattr(importlib.import_module(modules[name]), name)
         return value
+
+    return imported
+
+
+_imported = _imported_on_first_use(globals(), _MODULES)
+
+
+def __getattr__(name: str):
     if name in _TRL_MODULES:
         try:
             module = importlib.import_module(_TRL_MODULES[name])
@@ -63,7 +75,7 @@ def __getattr__(name: str):
                 f"fed_trainer.{name} needs TRL: pip install 'fed-trainer[trl]' (trl==1.16.0)."
             ) from error
         return getattr(module, name)
-    raise AttributeError(f"module 'fed_trainer' has no attribute {name!r}")
+    return _imported(name)
 
 
 def __dir__() -> list[str]:

@@ -18,8 +18,9 @@ The names are imported on first use, so that `fed_trainer.flower.warm` stays lig
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fed_trainer import _imported_on_first_use
 
 try:
     import flwr  # noqa: F401
@@ -43,13 +44,7 @@ if TYPE_CHECKING:
     from fed_trainer.flower.warm import warm_client_app
 
 
-def __getattr__(name: str):
-    if name in _MODULES:
-        # kept here, as the eager `from ... import name` did: a submodule of the same name (`server_app`) is bound
-        # to the package by its import, and must not shadow the function
-        value = globals()[name] = getattr(importlib.import_module(_MODULES[name]), name)
-        return value
-    raise AttributeError(f"module 'fed_trainer.flower' has no attribute {name!r}")
+__getattr__ = _imported_on_first_use(globals(), _MODULES)
 
 
 __all__ = [
