@@ -3,7 +3,8 @@
 Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), galore_lowrank (the same aggregate,
 rank-r uplink), galore_shared (one server-picked projector for all clients, R-only uplink; also kept 4 rounds,
 without and with averaged Adam moments: galore_shared_r4, galore_shared_r4_moments), fedit, ffa_lora, flexlora,
-fedex_lora, flora, rolora, lora_fair, fed_sb, fedsa_lora (whose global model is the shared part: its clients are
+fedex_lora, flora, rolora, lora_fair, fed_sb (LoRA-SB's initialisation from a round of gradients; fed_sb_xs: LoRA-XS's
+from the pretrained weights), fedsa_lora (whose global model is the shared part: its clients are
 judged by their own models in the worst-client figure); server optimizers on fedavg (fedavgm, nesterov, fedadam) and on
 fedex_lora (fedex_lora_fedadam), fedprox on fedavg, each sweeping its own option (eta, mu) at its base method's
 winning rate; scaffold with SGD clients, and fedavg_sgd, FedAvg with the same SGD clients, to compare it with;
@@ -99,6 +100,7 @@ METHODS = [
     "lora_fair",
     "fedsa_lora",
     "fed_sb",
+    "fed_sb_xs",
     "fedavgm",
     "nesterov",
     "fedadam",
@@ -115,6 +117,7 @@ STRATEGY = {
     "galore_shared_r4": "galore_shared",
     "galore_shared_r4_moments": "galore_shared",
     "fedavg_sgd": "fedavg",
+    "fed_sb_xs": "fed_sb",
     "centralized": "fedavg",
     "local_only": "fedavg",
 }
@@ -125,6 +128,7 @@ OPTIONS = {
     "galore_shared_r4_moments": dict(strategy_kwargs={"refresh_rounds": 4, "average_moments": True}),
     "fedavg_sgd": dict(optim="sgd"),
     "scaffold": dict(optim="sgd"),
+    "fed_sb_xs": dict(strategy_kwargs={"init": "lora_xs"}),  # Fed-SB on LoRA-XS's bases: no gradient round
 }
 # Methods built on another: (base method, its fixed settings, the option it sweeps, that option's grid; the first
 # value is --quick's). They train at their base method's winning learning rate (so the base runs first) and sweep
@@ -308,7 +312,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
             )  # fmt: skip
             trainer.pop_callback(PrinterCallback)
             output = trainer.train()
-            per_round = [e[key] for e in trainer.state.log_history if "round" in e]
+            per_round = [e[key] for e in trainer.state.log_history if e.get("round", 0) > 0]  # (round 0: gradients)
             total_bytes = output.metrics["total_bytes_up"] + output.metrics["total_bytes_down"]
             own = client_accuracies(trainer, validation, clients) if per_client else []
     return {

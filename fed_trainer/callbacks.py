@@ -13,10 +13,11 @@ class FederatedCallback(TrainerCallback):
     Events of one round, in order: `on_round_begin(round, client_ids, client_weights, model)`, then for every sampled
     client `on_client_begin(client_id, model, num_examples)` and `on_client_end(client_id, model, num_examples,
     metrics, optimizer)` (not for a client whose training raised: it is dropped), then `on_round_end(round, model,
-    metrics)`. Rounds count from 1. `model` in `on_round_begin` is the global model the round starts from; in
-    `on_client_begin` it is the client's model loaded from the server's
-    message; in `on_client_end` it is the trained model before the client's payload is taken from it (so a callback
-    may still change what the client sends); in `on_round_end` it is the new global model.
+    metrics)`. Rounds count from 1 (a strategy's round 0, in which clients only send gradients before any
+    training, Fed-SB's with init="lora_sb", fires none). `model` in `on_round_begin` is the global model the round
+    starts from; in `on_client_begin` it is the client's model loaded from the server's message; in `on_client_end`
+    it is the trained model before the client's payload is taken from it (so a callback may still change what the
+    client sends); in `on_round_end` it is the new global model.
     The usual Trainer events (`on_train_begin`, `on_log`, `on_evaluate`, `on_save`, ...) fire as with `Trainer`.
     """
 

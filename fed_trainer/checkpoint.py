@@ -60,11 +60,13 @@ class RunProgress:
     round_losses: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, logs: dict) -> None:
-        """Count the finished round whose entry is `logs`, and add the run's totals so far to the entry."""
+        """Count the finished round whose entry is `logs`, and add the run's totals so far to the entry. (Round 0's
+        loss, at the initial model, is not one of the training loss's rounds.)"""
         self.round = logs["round"]
         self.total_bytes_up += logs["bytes_up"]
         self.total_bytes_down += logs["bytes_down"]
-        self.round_losses.append(logs["loss"])
+        if self.round > 0:
+            self.round_losses.append(logs["loss"])
         logs.update(total_bytes_up=self.total_bytes_up, total_bytes_down=self.total_bytes_down)
 
     def summary(self) -> dict:

@@ -1,8 +1,9 @@
 """Local training of one client for one round, reusing a single inner `Trainer`.
 
 Trainer internals used here (and nowhere else in fed_trainer): `_prepare_for_training`, `_created_lr_scheduler`,
-`_get_learning_rate`, and for FedProx's term the attributes `training_step` scales a loss by
-(`loss_is_scaled_for_ga`, `model_accepts_loss_kwargs`, `current_gradient_accumulation_steps`).
+`_get_learning_rate`, `_prepare_inputs` (a batch on the model's device, for round 0's gradients), and for FedProx's
+term the attributes `training_step` scales a loss by (`loss_is_scaled_for_ga`, `model_accepts_loss_kwargs`,
+`current_gradient_accumulation_steps`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 
 import torch
 from datasets import Dataset
@@ -242,6 +244,42 @@ class ClientRunner:
         output = trainer.train()
         self.last_learning_rate = trainer._get_learning_rate()
         return output
+
+    def mean_gradients(
+        self, dataset: Dataset, parameters: dict[str, torch.nn.Parameter], examples: int, seed: int
+    ) -> tuple[dict[str, torch.Tensor], TrainOutput]:
+        """The client's mean gradient of its training loss with respect to `parameters` (by name) over its first
+        `examples` examples (whole batches, in the order its training would take them with `seed`), at the model's
+        current weights, which are not changed; and a `TrainOutput` with the mean loss and the seconds taken.
+
+        The loss is the client trainer's own (`compute_loss`, without FedProx's term), each batch's mean weighted by
+        its rows, so the gradient is the mean over the examples whatever the batch size."""
+        trainer, model = self.trainer, self.trainer.model
+        trainer.train_dataset = dataset
+        set_seed(seed)
+        start = time.time()
+        frozen = [p for p in parameters.values() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train()
+        loss_sum, rows = 0.0, 0
+        try:
+            for batch in trainer.get_train_dataloader():
+                inputs = trainer._prepare_inputs(batch)
+                count = len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
+                loss = super(ClientTrainerMixin, trainer).compute_loss(model, inputs)
+                (loss * count).backward()
+                loss_sum, rows = loss_sum + loss.item() * count, rows + count
+                if rows >= examples:
+                    break
+            gradients = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach() / rows
+                         for name, p in parameters.items()}  # fmt: skip
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+            model.zero_grad(set_to_none=True)
+        metrics = {"train_runtime": time.time() - start, "train_loss": loss_sum / rows}
+        return gradients, TrainOutput(0, loss_sum / rows, metrics)
 
     def fine_tune(self, dataset: Dataset, client_id, steps: int, seed: int) -> TrainOutput:
         """`steps` local steps of a client from the model's current weights at the constant `learning_rate`, outside

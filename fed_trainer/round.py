@@ -11,7 +11,7 @@ called by `local_update` (and, on a machine of its own, `remote_update`), every 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -56,11 +56,13 @@ def client_weights(args: FederatedConfig, sizes: dict, client_ids: list) -> dict
 @dataclass(frozen=True)
 class ClientPlan:
     """How a client trains in a round: its seed, and where its steps lie on the run's learning-rate schedule
-    (`offset` steps done before, `schedule_steps` in all): `ClientRunner.train`'s keyword arguments."""
+    (`offset` steps done before, `schedule_steps` in all); or, with `gradient_examples` (round 0, `GradientRound`),
+    that it does not train but sends its mean gradient over that many of its examples."""
 
     seed: int
     offset: int
     schedule_steps: int
+    gradient_examples: int = 0
 
 
 class ClientExecutor(Protocol):
@@ -226,6 +228,39 @@ class Round:
         )
 
 
+class GradientRound(Round):
+    """Round 0 of a strategy that starts from the clients' gradients (`Strategy.gradient_examples`; Fed-SB's LoRA-SB
+    initialisation): the round's clients, sampled and weighted as in any round, are sent nothing (each builds the
+    initial model itself), take their mean gradient of the `Strategy.gradient_parameters` over their first
+    `gradient_examples` examples without training, and send it as it is (uncompressed); the strategy's
+    `finish_round` turns the aggregate into the state round 1 starts from. No federated events fire: round 1 is the
+    first round of training."""
+
+    def __init__(self, trainer: FederatedTrainer, steps_per_round: int) -> None:
+        super().__init__(trainer, 0, steps_per_round)
+
+    def plan(self, position: int) -> ClientPlan:
+        """Round 1's seed for the client at `position` (its gradient is over the examples its first steps take)."""
+        return ClientPlan(seed=self.args.seed + position, offset=0, schedule_steps=self.trainer.state.max_steps,
+                          gradient_examples=self.strategy.gradient_examples)  # fmt: skip
+
+    def message(self, client_id) -> TensorDict:
+        return {}
+
+    def event(self, name: str, **kwargs) -> None:
+        pass
+
+    def abandon(self, outcome: dict) -> None:
+        """Too few clients sent their gradients: there is no global model to keep yet, so the run stops."""
+        failed, rejected = outcome["failed"], outcome["rejected"]
+        raise RuntimeError(
+            f"Round 0: only {len(self.client_ids) - len(failed) - len(rejected)} of {len(self.client_ids)} clients "
+            f"sent their gradients (failed: {failed}, rejected for NaN/Inf: {rejected}), fewer than "
+            f"min_clients_per_round={self.args.min_clients_per_round}: fix the failing clients and start the run "
+            f"again, or lower min_clients_per_round."
+        )
+
+
 def fire(trainer: FederatedTrainer, name: str, **kwargs) -> None:
     """Send the federated event `name` to `trainer`'s callbacks, keeping the control they return."""
     trainer.control = call_federated_event(
@@ -238,13 +273,17 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
     return (payload, `TrainOutput`). The client events fire around the training: `on_client_begin` on the loaded
     model, `on_client_end` on the trained one before the payload is taken from it."""
     strategy, runner, model = trainer.strategy, trainer.client_runner, trainer.model
+    if plan.gradient_examples:  # round 0: no training, the gradients at the initial model
+        return runner.mean_gradients(dataset, strategy.gradient_parameters(model), plan.gradient_examples, plan.seed)
     message = strategy.received_message(message)
     strategy.load_client(model, OnDevice(message, trainer.args.device), client_id)
     reload_partitions(runner.engine)
     event = dict(client_id=client_id, model=model, num_examples=len(dataset))
     fire(trainer, "on_client_begin", **event)
     try:
-        output = runner.train(dataset, client_id, **asdict(plan))
+        output = runner.train(
+            dataset, client_id, seed=plan.seed, offset=plan.offset, schedule_steps=plan.schedule_steps
+        )
         fire(trainer, "on_client_end", **event, metrics=output.metrics, optimizer=runner.trainer.optimizer)
         payload = strategy.client_payload(model, client_id)
         if strategy.compressor is not None:

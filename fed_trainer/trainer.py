@@ -23,7 +23,7 @@ from fed_trainer.hp_search import initial_model, report_round, start_trial
 from fed_trainer.hub import push_round, round_checkpoints_left_out
 from fed_trainer.model_card import append_federated_section, card_tags, rounds_as_card_rows
 from fed_trainer.quantized import quantization_of
-from fed_trainer.round import ClientExecutor, InProcessClients, Round
+from fed_trainer.round import ClientExecutor, GradientRound, InProcessClients, Round
 from fed_trainer.schedule import evaluation_due, is_new_best, keeps_best, save_due
 from fed_trainer.strategies import Strategy, get_strategy
 from fed_trainer.strategies.capabilities import check_capabilities
@@ -177,6 +177,10 @@ class FederatedTrainer(Trainer):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time = time.time()
         with each_message_once(TRAINER_LOGGER):  # local training would repeat its log lines for every client
+            if self.round_progress.round == 0 and self.strategy.gradient_examples:
+                logs = GradientRound(self, steps_per_round).run(self.client_executor)
+                self.round_progress.add(logs)
+                self.log(logs)
             for round_number in range(self.round_progress.round + 1, args.num_rounds + 1):
                 logs = Round(self, round_number, steps_per_round).run(self.client_executor)
                 self._finish_round(logs, steps_per_round, ignore_keys_for_eval, trial)

@@ -43,18 +43,22 @@ from fed_trainer.strategies.registry import strategy_class
 
 
 def traffic(trainer: FederatedTrainer) -> dict:
-    """Wrap the strategy's message and payload hooks to add up the bytes of what they return, by round."""
+    """Wrap the strategy's message and payload hooks (and the clients' gradients of a round 0) to add up the bytes of
+    what they return, by round."""
     strategy, counted = trainer.strategy, {}
-    for hook, direction in (("server_message", "down"), ("client_payload", "up")):
-        original = getattr(strategy, hook)
+    hooks = [(strategy, "server_message", "down"), (strategy, "client_payload", "up"),
+             (trainer.client_runner, "mean_gradients", "up")]  # fmt: skip
+    for owner, hook, direction in hooks:
+        original = getattr(owner, hook)
 
         def counting(*args, _original=original, _direction=direction):
-            tensors = _original(*args)
+            returned = _original(*args)
+            tensors = returned[0] if isinstance(returned, tuple) else returned  # (gradients, TrainOutput)
             key = (strategy.round_number, _direction)
             counted[key] = counted.get(key, 0) + tensor_bytes(tensors)
-            return tensors
+            return returned
 
-        setattr(strategy, hook, counting)
+        setattr(owner, hook, counting)
     return counted
 
 
@@ -173,8 +177,10 @@ def test_a_strategy_without_a_server_optimizer_refuses_one(make_config, name):
 def test_the_bytes_logged_are_the_bytes_of_the_tensors_sent(contract_run):
     logged = [e for e in contract_run["trainer"].state.log_history if "round" in e]
     counted = contract_run["counted"]
+    gradient_round = [0] if contract_run["trainer"].strategy.gradient_examples else []
+    assert [e["round"] for e in logged] == [*gradient_round, 1, 2]
     assert [(e["bytes_down"], e["bytes_up"]) for e in logged] == [
-        (counted[(r, "down")], counted[(r, "up")]) for r in (1, 2)
+        (counted.get((e["round"], "down"), 0), counted[(e["round"], "up")]) for e in logged
     ]
 
 
@@ -241,7 +247,8 @@ def test_two_client_parallel_ranks_end_with_the_global_model_of_one_process(two_
         assert torch.equal(ranks[1][key], ranks[0][key]), f"ranks disagree on {key}"
     rounds = [e for e in one.state.log_history if "round" in e]
     two = json.loads((two_ranks / name / "rounds.json").read_text())
-    assert len(two) == len(rounds) == one.args.num_rounds
+    assert [e["round"] for e in two] == [e["round"] for e in rounds]
+    assert [e["round"] for e in rounds if e["round"] > 0] == list(range(1, one.args.num_rounds + 1))
     for a, b in zip(rounds, two, strict=True):
         assert (a["num_clients"], a["bytes_up"], a["bytes_down"]) == (b["num_clients"], b["bytes_up"], b["bytes_down"])
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)

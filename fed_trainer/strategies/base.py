@@ -55,6 +55,9 @@ class Strategy(ABC):
     title: ClassVar[str] = ""  # the method's name in prose and in generated tables
     capabilities: ClassVar[Capabilities] = Capabilities()  # checked before any training (`check_capabilities`)
     paper: ClassVar[tuple[str, str] | None] = None  # (title, arXiv id) of the method, for the model card
+    # examples each client of round 0 takes its mean gradient over (`gradient_parameters`), for a strategy that
+    # starts from the clients' gradients; 0: no round 0, the run starts training at round 1
+    gradient_examples: int = 0
 
     def __init__(self) -> None:
         self.args: FederatedConfig | None = None
@@ -105,6 +108,12 @@ class Strategy(ABC):
         raise NotImplementedError(
             f"strategy {self.name!r} declares ZeRO-3 support but implements no on_model_sharded."
         )
+
+    def gradient_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The weights whose gradients the clients of round 0 send, by payload name (see `gradient_examples`); the
+        round's aggregate, the weighted mean of those gradients, is then the strategy's to use in `finish_round`
+        (`round_number` 0)."""
+        raise NotImplementedError(f"strategy {self.name!r} asks for gradient_examples but has no gradient_parameters.")
 
     @abstractmethod
     def server_message(self, client_id) -> TensorDict:

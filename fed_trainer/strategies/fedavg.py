@@ -120,7 +120,12 @@ class FedAvg(Strategy):
         if args.update_clip_norm is not None:
             payload = OnDevice(payload, self.state_device)
             payload = clipped(payload, self.global_state, args.update_clip_norm, self.sharded)
-        if args.aggregation_rule == "mean":
+        self.collect(payload, weight, client_id)
+
+    def collect(self, payload: TensorDict, weight: float, client_id=None) -> None:
+        """Take `payload` into the round as it is: into the running weighted sum, or kept whole for a robust rule
+        (`round_aggregate` combines them)."""
+        if self.args.aggregation_rule == "mean":
             super().aggregate(payload, weight, client_id)
         else:
             self._kept.append({name: placed(t, self.state_device, torch.float32) for name, t in payload.items()})
@@ -162,17 +167,22 @@ class FedAvg(Strategy):
     def restore_global(self, model: nn.Module) -> None:
         FedAvg.load_client(self, model, self.global_state, client_id=None)
 
-    def finish_round(self, model: nn.Module) -> None:
+    def round_aggregate(self) -> TensorDict:
+        """The round's payloads combined: their weighted mean (with the Gaussian noise of client-level DP), or the
+        robust rule's aggregate."""
         args = self.args
         if args.aggregation_rule == "mean" and args.dp_noise_multiplier is not None:
             std = args.dp_noise_multiplier * args.update_clip_norm / args.clients_sampled_per_round
             noise = dp_noise_generator(args.seed, self.round_number, self.sharded)
-            aggregate = private_average(self._sum, self.global_state, self.aggregated_weight, std, noise)
-        elif args.aggregation_rule == "mean":  # the sum becomes the mean in place (zeroed again next round)
-            aggregate = {name: total.div_(self.aggregated_weight) for name, total in self._sum.items()}
-        else:
-            aggregate = robust_aggregate(self._kept, args.aggregation_rule, args.trim_fraction)
-            self._kept = []
+            return private_average(self._sum, self.global_state, self.aggregated_weight, std, noise)
+        if args.aggregation_rule == "mean":  # the sum becomes the mean in place (zeroed again next round)
+            return {name: total.div_(self.aggregated_weight) for name, total in self._sum.items()}
+        aggregate = robust_aggregate(self._kept, args.aggregation_rule, args.trim_fraction)
+        self._kept = []
+        return aggregate
+
+    def finish_round(self, model: nn.Module) -> None:
+        aggregate = self.round_aggregate()
         optimizer = self.server_optimizer
         for name, value in self.global_state.items():  # tensor by tensor: one temporary at a time
             if name not in aggregate:  # not sent this round (RoLoRA's frozen factor): unchanged

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 # The parts a key can name, by strategy: a LoRA layer's base weight (FedEx-LoRA, FLoRA); a GaLore period's decay
 # factor, projector side and projected factor (galore_lowrank); a shared projector, gradient sketch and averaged
 # Adam moments (galore_shared); one round's stacked factors (FLoRA); a weight's control variate, the server's or
-# a client's own (SCAFFOLD).
+# a client's own (SCAFFOLD); a LoRA layer's base weight's gradient and the fixed B and A built from it (Fed-SB).
 PARTS = frozenset(
     {"base", "c", "left", "right", "R", "projector", "sketch", "exp_avg", "exp_avg_sq", "step", "stack_left",
-     "stack_right", "control", "own_control"}
+     "stack_right", "control", "own_control", "gradient", "basis_B", "basis_A"}
 )  # fmt: skip
 
 

@@ -49,7 +49,7 @@ def method_table() -> str:
         if caps.local_optimizer:
             needs.append(f'`optim="{caps.local_optimizer}"`')
         paper = f"[{cls.paper[0]}](https://arxiv.org/abs/{cls.paper[1]})" if cls.paper else "-"
-        summary = (cls.__doc__ or "-").strip().split("\n\n")[0].replace("\n", " ")
+        summary = " ".join((cls.__doc__ or "-").strip().split("\n\n")[0].split())
         trains = "LoRA adapters" if caps.lora else "all weights"
         cells = [cls.title, f"`{name}`", trains, summary, ", ".join(needs) or "-"]
         lines.append("| " + " | ".join([*cells, paper]) + " |")
