@@ -11,7 +11,8 @@ winning rate; scaffold with SGD clients, and fedavg_sgd, FedAvg with the same SG
 references: centralized (one client holding all the data, the same number of optimizer steps and examples as a
 federated run) and local_only (each client trains alone for the same number of steps; the mean of their results);
 compressed uplinks on fedavg and fedit at their base's rate: <base>_int8, <base>_nf4, and with error feedback
-<base>_int8_ef, <base>_nf4_ef; both ways (the downlink too): <base>_int8_ef_both, <base>_nf4_ef_both.
+<base>_int8_ef, <base>_nf4_ef; both ways (the downlink too): <base>_int8_ef_both, <base>_nf4_ef_both; on fed_sb
+(whose round-0 gradients they compress): fed_sb_int8, fed_sb_nf4.
 Tasks (bench/tasks.py):
 
 - `text` (default): all-MiniLM-L6-v2 on BBC News topics and movie-review sentiment, Dirichlet label splits with
@@ -82,6 +83,8 @@ COMPRESSED.update({
     for base in ("fedavg", "fedit")
     for fmt in ("int8", "nf4")
 })  # fmt: skip
+# Fed-SB's uplink compressed (R is r^2 per layer: what shrinks is round 0's dense gradients): fed_sb_int8, fed_sb_nf4
+COMPRESSED.update({f"fed_sb_{fmt}": ("fed_sb", dict(update_compression=fmt)) for fmt in ("int8", "nf4")})
 
 
 METHODS = [

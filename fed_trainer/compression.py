@@ -123,9 +123,12 @@ class UpdateCompressor:
             return None
         return cls(args.downlink_compression, args.compression_block_size, error_feedback=False)
 
-    def encoded(self, payload: TensorDict, message: TensorDict, client_id) -> TensorDict:
-        """The payload as it travels: each floating tensor's difference from `message` (or itself) compressed."""
-        residual = self.residuals.get(client_id, self.kept) if self.error_feedback else {}
+    def encoded(self, payload: TensorDict, message: TensorDict, client_id, feedback: bool = True) -> TensorDict:
+        """The payload as it travels: each floating tensor's difference from `message` (or itself) compressed; with
+        error feedback (unless `feedback` is False: a payload that no later one continues, round 0's gradients)
+        the client's residual added first and its new one kept."""
+        feedback = feedback and self.error_feedback
+        residual = self.residuals.get(client_id, self.kept) if feedback else {}
         out, new_residual = {}, {}
         for name, tensor in payload.items():
             if not compressible(name, tensor):
@@ -139,9 +142,9 @@ class UpdateCompressor:
                 value = value + residual[name].to(value.device)
             parts = quantized(value, self.fmt, self.block)
             out.update({f"{name}{SEPARATOR}{suffix}": t for suffix, t in parts.items()})
-            if self.error_feedback:
+            if feedback:
                 new_residual[name] = (value - dequantized(parts, self.fmt, self.block)).cpu()
-        if self.error_feedback:
+        if feedback:
             self._updated[client_id] = new_residual
         return out
 

@@ -232,7 +232,8 @@ class GradientRound(Round):
     """Round 0 of a strategy that starts from the clients' gradients (`Strategy.gradient_examples`; Fed-SB's LoRA-SB
     initialisation): the round's clients, sampled and weighted as in any round, are sent nothing (each builds the
     initial model itself), take their mean gradient of the `Strategy.gradient_parameters` over their first
-    `gradient_examples` examples without training, and send it as it is (uncompressed); the strategy's
+    `gradient_examples` examples without training, and send it (compressed as the run's `update_compression` says,
+    without error feedback); the strategy's
     `finish_round` turns the aggregate into the state round 1 starts from. No federated events fire: round 1 is the
     first round of training."""
 
@@ -245,6 +246,8 @@ class GradientRound(Round):
                           gradient_examples=self.strategy.gradient_examples)  # fmt: skip
 
     def message(self, client_id) -> TensorDict:
+        if self.strategy.compressor is not None:  # its reply is decoded (against nothing: gradients are not updates)
+            self.messages[client_id] = {}, {}
         return {}
 
     def event(self, name: str, **kwargs) -> None:
@@ -274,7 +277,11 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
     model, `on_client_end` on the trained one before the payload is taken from it."""
     strategy, runner, model = trainer.strategy, trainer.client_runner, trainer.model
     if plan.gradient_examples:  # round 0: no training, the gradients at the initial model
-        return runner.mean_gradients(dataset, strategy.gradient_parameters(model), plan.gradient_examples, plan.seed)
+        parameters = strategy.gradient_parameters(model)
+        gradients, output = runner.mean_gradients(dataset, parameters, plan.gradient_examples, plan.seed)
+        if strategy.compressor is not None:  # compressed like any payload; no later payload continues them
+            gradients = strategy.compressor.encoded(gradients, {}, client_id, feedback=False)
+        return gradients, output
     message = strategy.received_message(message)
     strategy.load_client(model, OnDevice(message, trainer.args.device), client_id)
     reload_partitions(runner.engine)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
 from peft import LoraConfig
+from supernodes import SuperNodesInProcess
 from transformers import default_data_collator
 
 from fed_trainer import FederatedCallback, FederatedTrainer
@@ -110,6 +111,22 @@ def test_lora_sb_starts_round_1_from_the_best_rank_r_approximation_of_the_first_
     assert trainer.state.log_history[-1]["train_loss"] == pytest.approx((rounds[1]["loss"] + rounds[2]["loss"]) / 2)
 
 
+def test_a_compressed_uplink_compresses_round_0s_gradients_without_keeping_residuals(make_config):
+    """int8 with error feedback: round 0's gradients travel at 1 byte a value plus a float32 scale per 64 values and
+    the int64 shape; no residual is kept for them (no later payload continues them); round 1's R payloads keep
+    theirs."""
+    config = make_config(strategy="fed_sb", learning_rate=2e-2, num_rounds=1, update_compression="int8",
+                         compression_error_feedback=True)  # fmt: skip
+    trainer = FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, peft_config=LORA, args=config)
+    trainer.train()
+    round_0 = next(e for e in trainer.state.log_history if e.get("round") == 0)
+    per_weight = 32 * 32 + 4 * (32 * 32 // 64) + 8 * 2
+    assert round_0["bytes_up"] == 3 * len(trainer.strategy.layers) * per_weight
+    residuals = trainer.strategy.compressor.residuals
+    assert sorted(residuals) == [0, 1, 2]
+    assert all(name.endswith(".R") or "classifier" in name for r in residuals.values() for name in r)
+
+
 def test_a_client_machine_that_lost_the_bases_is_dropped_and_sent_them_again(make_config, tmp_path):
     """On its own machine a client takes B and A from the message or from what the machine kept; with neither
     it fails (the round drops it), and the server, which has not heard back, sends them in its next message."""
@@ -130,6 +147,29 @@ def test_a_client_machine_that_lost_the_bases_is_dropped_and_sent_them_again(mak
     assert sum(key.endswith((".basis_A", ".basis_B")) for key in again) == 2 * len(strategy.layers)
     _, _, kept = remote_update(node, 4, 0, again, plan, kept={})
     assert sorted(kept) == sorted(key for key in again if key.endswith((".basis_A", ".basis_B")))
+
+
+def test_supernodes_built_afresh_for_every_message_end_where_the_simulation_ends(make_config, tmp_path):
+    """Round 0 and three rounds of 2 of the 3 clients through the records a Flower server sends, each answered by a
+    trainer built afresh on the node (as a SuperNode does): round 0's order to send gradients, B and A reaching each
+    node in its first message after it and kept in the node's file. The served run ends with the simulation's model
+    and bytes."""
+    config = dict(strategy="fed_sb", learning_rate=2e-2, num_rounds=3, clients_per_round=2)
+
+    def build(context=None, client_datasets=CLIENTS):
+        return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets, peft_config=LORA,
+                                args=make_config(**config))  # fmt: skip
+
+    simulated, served = build(), build()
+    simulated.train()
+    served.client_executor = SuperNodesInProcess(build, CLIENTS, tmp_path / "nodes")
+    served.train()
+    expected = simulated.model.state_dict()
+    for name, value in served.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    logged = [[(e["round"], e["bytes_up"], e["bytes_down"]) for e in t.state.log_history if "round" in e]
+              for t in (served, simulated)]  # fmt: skip
+    assert logged[0] == logged[1] and [entry[0] for entry in logged[0]] == [0, 1, 2, 3]
 
 
 def test_lora_sb_refuses_client_level_dp(make_config):
