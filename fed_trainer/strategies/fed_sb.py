@@ -70,9 +70,12 @@ class FedSB(LoraStrategy):
             the paper's) or "lora_xs" (B, A from the pretrained weight's SVD, R = 0; no round 0).
         init_examples: with "lora_sb", the examples each client of round 0 takes its mean gradient over (its first
             ones in training order, in whole batches).
-        init_learning_rate: with "lora_sb", the lr of dW = -lr sign(G); None: the run's `learning_rate`. (The
-            LoRA-SB code divides the peak rate by the warmup steps: the rate of the first step after warmup's
-            first.)
+        init_learning_rate: with "lora_sb", the lr of dW = -lr sign(G); None: the run's `learning_rate`. (LoRA-SB's
+            code uses the peak rate divided by the warmup steps: under a linear warmup, the rate of the first step
+            that moves the weights.)
+
+    Round 0's aggregate is a float32 sum of every targeted weight's gradient (out*in per layer), kept where the
+    server state lives (`server_state_device`).
     """
 
     title = "Fed-SB"
