@@ -439,6 +439,11 @@ def parse_args() -> argparse.Namespace:
     for name in SETTINGS:
         p.add_argument(f"--{name}", type=int, help="default: the task's (bench/tasks.py)")
     p.add_argument(
+        "--lr-grid", nargs="+", default=[], type=grid_override, metavar="FAMILY=RATE,RATE",
+        help="sweep these rates for a family (full, galore, lora, sgd) instead of the task's grid, e.g. "
+        "lora=5e-3,2e-3,1e-3 for a long run; the first is the rate --quick uses",
+    )  # fmt: skip
+    p.add_argument(
         "--rates-from", nargs="+", default=[], metavar="JSON",
         help="keep each method's rate (a variant's option) from earlier runs' JSON whose sweep ran on this run's "
         "first setting and seed with the same settings; those methods are not swept again",
@@ -457,11 +462,20 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
+def grid_override(text: str) -> tuple[str, list[float]]:
+    """`--lr-grid`'s FAMILY=RATE,RATE,... as (family, rates)."""
+    family_name, _, rates = text.partition("=")
+    if family_name not in ("full", "galore", "lora", "sgd") or not rates:
+        raise argparse.ArgumentTypeError(f"expected FAMILY=RATE,RATE, FAMILY one of full, galore, lora, sgd: {text!r}")
+    return family_name, [float(rate) for rate in rates.split(",")]
+
+
 def main() -> None:
     a = parse_args()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # no bar per model load
     task = TASKS[a.task]()
+    task.lr_grid = {**task.lr_grid, **dict(a.lr_grid)}
     seeds = list(range(a.seeds))
     started = time.perf_counter()
     commit = git_commit()  # at the start: the code that runs, whatever changes in the tree meanwhile

@@ -23,16 +23,20 @@ def run_compare(monkeypatch, tmp_path, *args) -> dict:
 def test_compare_writes_results_sweep_and_plots(tmp_path, monkeypatch):
     report = run_compare(
         monkeypatch, tmp_path, "--datasets", "bbc", "--alphas", "1.0", "--seeds", "1", "--methods", "fedavg",
-        "ffa_lora", "local_only", "fedavg_nf4_ef",
+        "ffa_lora", "local_only", "fedavg_nf4_ef", "fed_sb",
         "--rounds", "2", "--local-steps", "1", "--clients", "3", "--per-round", "2",
-        "--eval-examples", "16", "--seq-len", "16",
+        "--eval-examples", "16", "--seq-len", "16", "--lr-grid", "lora=0.02,0.005",
     )  # fmt: skip
     results = report["results"]["bbc/alpha=1.0"]
+    fed_sb = results.pop("fed_sb")  # its round 0 (gradients, no evaluation) is not one of the rounds of its curve
+    assert len(fed_sb["per_round_mean"]) == 2 and report["lr_sweep"]["final"].pop("fed_sb").keys() == {"0.02", "0.005"}
+    assert fed_sb["total_bytes"] > results["ffa_lora"]["total_bytes"]  # round 0's dense gradients
     compressed = results.pop("fedavg_nf4_ef")  # not swept: at fedavg's rate, on nf4 uplinks
     assert compressed["learning_rate"] == results["fedavg"]["learning_rate"]
     assert compressed["total_bytes"] < results["fedavg"]["total_bytes"]
     assert report["metric"] == "accuracy" and set(results) == {"fedavg", "ffa_lora", "local_only"}
     assert set(report["lr_sweep"]["final"]) == {"fedavg", "ffa_lora", "local_only"}
+    assert report["lr_grid"]["lora"] == [0.02, 0.005]  # --lr-grid's, not the task's
     families = {"fedavg": "full", "local_only": "full", "ffa_lora": "lora"}
     for method, lrs in report["lr_sweep"]["final"].items():
         assert [float(lr) for lr in lrs] == report["lr_grid"][families[method]]
