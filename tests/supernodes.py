@@ -2,6 +2,7 @@
 loopback): each client's train message is the records a Flower server sends (`train_content`), answered by the
 node side (`train_reply`) on a trainer built afresh from that node's own data, as on a SuperNode."""
 
+import torch
 from flwr.app import Context, RecordDict
 
 from fed_trainer.flower import train_reply
@@ -25,3 +26,19 @@ class SuperNodesInProcess:
             data = lambda context, cid=client_id: (cid, self.clients[cid])  # noqa: E731
             reply = train_reply(self.build, data, content, node)
             round.receive(client_id, *trained(reply))
+
+
+def served_like_simulated(build, clients, state_dir) -> list:
+    """Train `build()` in simulation and on `SuperNodesInProcess`, check that both end with the same model (1e-6)
+    and round entries (number, bytes each way); the round entries."""
+    simulated, served = build(), build()
+    simulated.train()
+    served.client_executor = SuperNodesInProcess(build, clients, state_dir)
+    served.train()
+    expected = simulated.model.state_dict()
+    for name, value in served.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    logged = [[(e["round"], e["bytes_up"], e["bytes_down"]) for e in t.state.log_history if "round" in e]
+              for t in (served, simulated)]  # fmt: skip
+    assert logged[0] == logged[1]
+    return logged[0]

@@ -9,7 +9,7 @@ import torch
 from bitsandbytes.functional import create_dynamic_map, get_4bit_type
 from conftest import tiny_bert, toy_dataset
 from contract_setup import STRATEGIES, build
-from supernodes import SuperNodesInProcess
+from supernodes import served_like_simulated
 
 from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.compression import UpdateCompressor, dequantized, quantized
@@ -241,12 +241,4 @@ def test_supernodes_decode_compressed_messages_against_the_model_they_build_and_
         return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets,
                                 args=make_config(**config))  # fmt: skip
 
-    simulated, served = build(), build()
-    simulated.train()
-    served.client_executor = SuperNodesInProcess(build, CLIENTS, tmp_path / "nodes")
-    served.train()
-    expected = simulated.model.state_dict()
-    for name, value in served.model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
-    rounds = [[e["bytes_down"] for e in t.state.log_history if "round" in e] for t in (served, simulated)]
-    assert rounds[0] == rounds[1]
+    served_like_simulated(build, CLIENTS, tmp_path / "nodes")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
 from peft import LoraConfig
-from supernodes import SuperNodesInProcess
+from supernodes import served_like_simulated
 from transformers import default_data_collator
 
 from fed_trainer import FederatedCallback, FederatedTrainer
@@ -160,16 +160,8 @@ def test_supernodes_built_afresh_for_every_message_end_where_the_simulation_ends
         return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets, peft_config=LORA,
                                 args=make_config(**config))  # fmt: skip
 
-    simulated, served = build(), build()
-    simulated.train()
-    served.client_executor = SuperNodesInProcess(build, CLIENTS, tmp_path / "nodes")
-    served.train()
-    expected = simulated.model.state_dict()
-    for name, value in served.model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
-    logged = [[(e["round"], e["bytes_up"], e["bytes_down"]) for e in t.state.log_history if "round" in e]
-              for t in (served, simulated)]  # fmt: skip
-    assert logged[0] == logged[1] and [entry[0] for entry in logged[0]] == [0, 1, 2, 3]
+    logged = served_like_simulated(build, CLIENTS, tmp_path / "nodes")
+    assert [entry[0] for entry in logged] == [0, 1, 2, 3]
 
 
 def test_lora_sb_refuses_client_level_dp(make_config):
