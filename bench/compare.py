@@ -3,16 +3,17 @@
 Methods: fedavg (full weights), galore_fedavg (full weights, GaLore clients), galore_lowrank (the same aggregate,
 rank-r uplink), galore_shared (one server-picked projector for all clients, R-only uplink; also kept 4 rounds,
 without and with averaged Adam moments: galore_shared_r4, galore_shared_r4_moments), fedit, ffa_lora, flexlora,
-fedex_lora, flora, rolora, lora_fair, fed_sb (LoRA-SB's initialisation from a round of gradients; fed_sb_xs: LoRA-XS's
-from the pretrained weights), fedsa_lora (whose global model is the shared part: its clients are
-judged by their own models in the worst-client figure); server optimizers on fedavg (fedavgm, nesterov, fedadam) and on
-fedex_lora (fedex_lora_fedadam), fedprox on fedavg, each sweeping its own option (eta, mu) at its base method's
-winning rate; scaffold with SGD clients, and fedavg_sgd, FedAvg with the same SGD clients, to compare it with;
-references: centralized (one client holding all the data, the same number of optimizer steps and examples as a
-federated run) and local_only (each client trains alone for the same number of steps; the mean of their results);
-compressed uplinks on fedavg and fedit at their base's rate: <base>_int8, <base>_nf4, and with error feedback
-<base>_int8_ef, <base>_nf4_ef; both ways (the downlink too): <base>_int8_ef_both, <base>_nf4_ef_both; on fed_sb
-(whose round-0 gradients they compress): fed_sb_int8, fed_sb_nf4.
+fedex_lora, flora, rolora, lora_fair, fed_sb (LoRA-SB's initialisation from a round of gradients; fed_sb_xs:
+LoRA-XS's from the pretrained weights), fedsa_lora (whose global model is the shared part: its clients are judged by
+their own models in the worst-client figure); server optimizers on fedavg (fedavgm, nesterov, fedadam) and on
+fedex_lora (fedex_lora_fedadam), fedprox on fedavg, fed_sb_eta (Fed-SB's init_learning_rate) on fed_sb, each
+sweeping its own option (eta, mu, the first step's rate) at its base method's winning rate; scaffold with SGD
+clients, and fedavg_sgd, FedAvg with the same SGD clients, to compare it with; references: centralized (one client
+holding all the data, the same number of optimizer steps and examples as a federated run) and local_only (each
+client trains alone for the same number of steps; the mean of their results); compressed uplinks on fedavg and
+fedit at their base's rate: <base>_int8, <base>_nf4, and with error feedback <base>_int8_ef, <base>_nf4_ef; both
+ways (the downlink too): <base>_int8_ef_both, <base>_nf4_ef_both; on fed_sb (whose round-0 gradients they
+compress): fed_sb_int8, fed_sb_nf4.
 Tasks (bench/tasks.py):
 
 - `text` (default): all-MiniLM-L6-v2 on BBC News topics and movie-review sentiment, Dirichlet label splits with
@@ -104,6 +105,7 @@ METHODS = [
     "fedsa_lora",
     "fed_sb",
     "fed_sb_xs",
+    "fed_sb_eta",
     "fedavgm",
     "nesterov",
     "fedadam",
@@ -143,7 +145,15 @@ VARIANTS = {
     "fedadam": ("fedavg", dict(server_optimizer="fedadam"), "server_learning_rate", ADAPTIVE_ETA),
     "fedex_lora_fedadam": ("fedex_lora", dict(server_optimizer="fedadam"), "server_learning_rate", ADAPTIVE_ETA),
     "fedprox": ("fedavg", {}, "proximal_mu", [0.1, 0.01, 1.0]),
+    # Fed-SB's LoRA-SB initialisation with a first step smaller than the clients' rate (a strategy option)
+    "fed_sb_eta": ("fed_sb", {}, "strategy_kwargs.init_learning_rate", [5e-4, 1e-4, 2e-5]),
 }
+
+
+def option_config(option: str, value: float) -> dict:
+    """The config that sets a variant's swept `option`: a `FederatedConfig` field, or `strategy_kwargs.<name>`."""
+    group, dot, name = option.partition(".")
+    return {group: {name: value}} if dot else {option: value}
 
 
 def base_of(method: str) -> str | None:
@@ -360,34 +370,41 @@ def plot(results: dict, metric: str, directory: Path) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     label = "validation accuracy" if metric == "accuracy" else "validation loss"
     settings = list(results)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    # up to 40 distinct colours (more methods than one cycle's 10 or 20); GaLore stars, compressed triangles
+    colours = [*plt.cm.tab20.colors, *plt.cm.tab20b.colors]
+    count = max(len(methods) for methods in results.values())
+    columns = 2 if count > 16 else 1
+    size = (5 * len(settings) + 2.5 * columns, 4 + count // 12)
+
+    def marker(method: str) -> str:
+        return "*" if method in GALORE_METHODS else "^" if method in COMPRESSED else "o"
+
+    fig, axes = plt.subplots(1, len(settings), figsize=size, squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for i, (method, summary) in enumerate(results[setting].items()):
             curve = summary["per_round_mean"]
             style = dict(linestyle="--") if method == "centralized" else {}
-            style["color"] = plt.cm.tab20(i % 20)  # more methods than the default cycle's 10 colours
+            style["color"] = colours[i % len(colours)]
             if len(curve) == 1:
                 ax.axhline(curve[0], label=method, color="grey", linestyle=":")
             else:
-                marker = "*" if method in GALORE_METHODS else "o"
-                ax.plot(range(1, len(curve) + 1), curve, marker=marker, label=method, **style)
+                ax.plot(range(1, len(curve) + 1), curve, marker=marker(method), label=method, **style)
         ax.set(title=setting, xlabel="round", ylabel=label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=columns)
     fig.tight_layout()
     curves = directory / f"{metric}_per_round.png"
     fig.savefig(curves, dpi=120)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=size, squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for i, (method, summary) in enumerate(results[setting].items()):
             if summary["total_bytes"] > 0:
-                marker = "*" if method in GALORE_METHODS else "o"
-                ax.scatter(summary["total_bytes"], summary["final_mean"], label=method, color=plt.cm.tab20(i % 20),
-                           marker=marker, s=80 if marker == "*" else 30)  # fmt: skip
-                if marker == "o":  # the GaLore stars sit close together: the legend names them
-                    ax.annotate(method, (summary["total_bytes"], summary["final_mean"]), fontsize=7)
+                ax.scatter(summary["total_bytes"], summary["final_mean"], label=method, marker=marker(method),
+                           color=colours[i % len(colours)], s=80 if marker(method) == "*" else 30)  # fmt: skip
+                if marker(method) != "*":  # the GaLore stars sit close together: the legend names them
+                    ax.annotate(method, (summary["total_bytes"], summary["final_mean"]), fontsize=6)
         ax.set(title=setting, xlabel="bytes communicated (up + down)", ylabel=f"final {label}", xscale="log")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=columns)
     fig.tight_layout()
     scatter = directory / f"{metric}_vs_bytes.png"
     fig.savefig(scatter, dpi=120)
@@ -430,6 +447,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--task", default="text", choices=list(TASKS))
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plots", metavar="DIR", help="write <metric>_per_round.png and <metric>_vs_bytes.png here")
+    p.add_argument("--replot", metavar="JSON", help="run nothing: write --plots from an earlier run's JSON")
     p.add_argument("--quick", action="store_true", help="one setting, one seed, few rounds, no LR sweep")
     p.add_argument("--datasets", nargs="+", help="default: all of the task's")
     p.add_argument("--alphas", nargs="+", type=float, help="Dirichlet alphas of the label splits (default 0.1 1.0)")
@@ -472,6 +490,10 @@ def grid_override(text: str) -> tuple[str, list[float]]:
 
 def main() -> None:
     a = parse_args()
+    if a.replot:
+        report = json.loads(Path(a.replot).read_text())
+        print("\n".join(plot(report["results"], report["metric"], Path(a.plots or "."))))
+        return
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # no bar per model load
     task = TASKS[a.task]()
@@ -506,7 +528,7 @@ def main() -> None:
                             print(f"[{elapsed:6.0f}s] {setting} {method} seed={seed} {option}={lr:g}", flush=True)
                             local, extra = (lr, {})
                             if method in VARIANTS:  # at its base's winning rate
-                                local, extra = best_lr[VARIANTS[method][0]], {option: lr}
+                                local, extra = best_lr[VARIANTS[method][0]], option_config(option, lr)
                             tried[lr] = run_one(task, method, local, seed, train, validation, a, alpha, out, extra)
                         if first:
                             best = lrs[0]

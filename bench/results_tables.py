@@ -79,7 +79,7 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-OPTION_NAMES = {"server_learning_rate": "eta", "proximal_mu": "mu"}
+OPTION_NAMES = {"server_learning_rate": "eta", "proximal_mu": "mu", "strategy_kwargs.init_learning_rate": "init lr"}
 
 
 def rates(report: dict, method: str, summary: dict) -> str:
