@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from peft.utils import transpose
 from torch import nn
 
-from fed_trainer.distributed import all_gather_objects, is_client_parallel
+from fed_trainer.distributed import is_client_parallel
 from fed_trainer.strategies.base import TensorDict
+from fed_trainer.strategies.client_ledger import ClientLedger
 from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.strategies.lora import ADAPTER, LoraStrategy
 from fed_trainer.strategies.registry import register_strategy
@@ -56,8 +57,10 @@ class RotatedDown(nn.Module):
         return F.linear(F.linear(x, self.A), self.R)
 
 
-def is_basis(key: str) -> bool:
-    return parse(key).part in BASES
+def without_bases(tensors: TensorDict) -> tuple[TensorDict, TensorDict]:
+    """(`tensors` less every layer's B and A, those B and A)."""
+    bases = {key: t for key, t in tensors.items() if parse(key).part in BASES}
+    return {key: t for key, t in tensors.items() if key not in bases}, bases
 
 
 @register_strategy("fed_sb")
@@ -93,9 +96,9 @@ class FedSB(LoraStrategy):
             raise ValueError(f"strategy 'fed_sb' needs init_examples >= 1, not {init_examples}.")
         self.init, self.init_learning_rate = init, init_learning_rate
         self.gradient_examples = init_examples if init == "lora_sb" else 0
-        # clients whose machine holds B and A (their update arrived since they were sent); not in `state_dict`: a
-        # resumed run assumes nothing of the clients' machines, so each client's first message carries them again
-        self.holding: set = set()
+        # client -> whether its machine holds B and A (its update arrived since they were sent); not in `state_dict`:
+        # a resumed run assumes nothing of the clients' machines, so each client's first message carries them again
+        self.holding = ClientLedger()
 
     def setup(self, model: nn.Module, args, peft_configs: dict | None = None) -> nn.Module:
         if self.gradient_examples:
@@ -133,6 +136,9 @@ class FedSB(LoraStrategy):
     def gradient_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {message_key(name, "gradient"): layer.get_base_layer().weight for name, layer in self.layers.items()}
 
+    def carries_bases(self, tensors: TensorDict) -> bool:
+        return message_key(next(iter(self.layers)), "basis_A") in tensors
+
     def bases(self) -> TensorDict:
         """Every layer's B and A as message entries."""
         out = {}
@@ -152,32 +158,28 @@ class FedSB(LoraStrategy):
         if round_number <= 1:  # round 0 sums gradients: round 1 rebuilds the running sum for R and the heads
             self._sum = None
         super().begin_round(round_number)
-        self._holding_now: dict = {}  # this process's changes to `holding` this round
-
-    def _hold(self, client_id, holds: bool) -> None:
-        self._holding_now[client_id] = holds
-        (self.holding.add if holds else self.holding.discard)(client_id)
+        self.holding.begin_round()
 
     def server_message(self, client_id) -> TensorDict:
         message = super().server_message(client_id)
         if not self.gradient_examples or self.round_number == 0 or client_id is None:
             return message
-        held = client_id in self.holding
-        self._hold(client_id, False)  # unknown until its update arrives: a failed client may have lost them
+        held = self.holding.get(client_id, False)
+        self.holding.note(client_id, False)  # unknown until its update arrives: a failed client may have lost them
         return message if held else {**message, **self.bases()}
 
     def sent_message(self, message: TensorDict) -> TensorDict:
         """A compressed downlink compresses R and the heads; B and A travel exact (a client must hold the server's)."""
-        bases = {key: t for key, t in message.items() if is_basis(key)}
-        return {**super().sent_message({k: t for k, t in message.items() if k not in bases}), **bases}
+        rest, bases = without_bases(message)
+        return {**super().sent_message(rest), **bases}
 
     def received_message(self, sent: TensorDict) -> TensorDict:
-        bases = {key: t for key, t in sent.items() if is_basis(key)}
-        return {**super().received_message({k: t for k, t in sent.items() if k not in bases}), **bases}
+        rest, bases = without_bases(sent)
+        return {**super().received_message(rest), **bases}
 
     def load_client(self, model: nn.Module, message: TensorDict, client_id) -> None:
         super().load_client(model, message, client_id)
-        if message_key(next(iter(self.layers)), "basis_A") in message:
+        if self.carries_bases(message):
             self.load_bases(message)
 
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
@@ -185,15 +187,14 @@ class FedSB(LoraStrategy):
         kept; kept for its next round."""
         if not self.gradient_examples or self.round_number == 0:
             return {}
-        key = message_key(next(iter(self.layers)), "basis_A")
-        source = message if key in message else kept
-        if key not in source:
+        source = message if self.carries_bases(message) else kept
+        if not self.carries_bases(source):
             raise RuntimeError(
                 "this client's machine does not hold Fed-SB's B and A from round 0 (was its state lost?); it is "
                 "dropped this round and sent them the next time."
             )
         self.load_bases(source)
-        return {k: t.detach().clone() for k, t in source.items() if is_basis(k)}
+        return {k: t.detach().clone() for k, t in without_bases(source)[1].items()}
 
     def global_tensors(self, model: nn.Module) -> TensorDict:
         """The LoRA strategies' global tensors and every layer's frozen A (which a freshly built model lacks after
@@ -207,13 +208,11 @@ class FedSB(LoraStrategy):
             return
         super().aggregate(payload, weight, client_id)
         if self.gradient_examples:
-            self._hold(client_id, True)
+            self.holding.note(client_id, True)
 
     def synchronize(self) -> None:
         super().synchronize()
-        for changes in all_gather_objects(self._holding_now):  # each process served its own clients
-            for client_id, holds in changes.items():
-                (self.holding.add if holds else self.holding.discard)(client_id)
+        self.holding.synchronize()
 
     def finish_round(self, model: nn.Module) -> None:
         if self.round_number > 0:

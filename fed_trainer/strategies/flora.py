@@ -17,8 +17,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from fed_trainer.distributed import all_gather_objects
 from fed_trainer.strategies.base import TensorDict, tensor_bytes
+from fed_trainer.strategies.client_ledger import ClientLedger
 from fed_trainer.strategies.keys import message_key, parse
 from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
@@ -42,7 +42,7 @@ class FLoRA(StackedLoraStrategy):
         self.history: dict[int, TensorDict] = {}  # round -> the stacks folded into the base at its end
         self.dropped_through = 0  # the rounds up to this one are no longer in `history`
         # client -> the round of the global model its machine holds (0, the initial model, if not known)
-        self.synced: dict = {}
+        self.synced = ClientLedger()
         # what the folded base weights of the targeted layers weigh (whole, also under ZeRO-3)
         self.base_bytes = sum(
             getattr(w, "ds_numel", w.numel()) * w.element_size() for w in self.base_weights().values()
@@ -57,20 +57,17 @@ class FLoRA(StackedLoraStrategy):
 
     def load_state_dict(self, model: nn.Module, state: dict, model_state: TensorDict) -> None:
         super().load_state_dict(model, state, model_state)
-        self.history, self.dropped_through, self.synced = state["history"], state["dropped_through"], {}
+        self.history, self.dropped_through, self.synced = state["history"], state["dropped_through"], ClientLedger()
 
     def begin_round(self, round_number: int) -> None:
         super().begin_round(round_number)
-        self._synced_now: dict = {}  # this process's changes to `synced` this round
-
-    def _set_synced(self, client_id, round_number: int) -> None:
-        self.synced[client_id] = self._synced_now[client_id] = round_number
+        self.synced.begin_round()
 
     def server_message(self, client_id) -> TensorDict:
         # In the simulation the shared live model's base already holds every stack; a client on its own machine
         # folds them in `catch_up`. No factors: each client starts afresh.
         since = self.synced.get(client_id, 0)
-        self._set_synced(client_id, 0)  # unknown until its update arrives: a failed client may have lost its state
+        self.synced.note(client_id, 0)  # unknown until its update arrives: a failed client may have lost its state
         stacks = {
             str(dataclasses.replace(parse(k), round=r)): t
             for r, s in self.history.items()
@@ -84,12 +81,11 @@ class FLoRA(StackedLoraStrategy):
 
     def aggregate(self, payload: TensorDict, weight: float, client_id=None) -> None:
         super().aggregate(payload, weight, client_id)
-        self._set_synced(client_id, self.round_number - 1)
+        self.synced.note(client_id, self.round_number - 1)
 
     def synchronize(self) -> None:
         super().synchronize()
-        for changes in all_gather_objects(self._synced_now):  # each process served its own clients
-            self.synced.update(changes)
+        self.synced.synchronize()
 
     def catch_up(self, model: nn.Module, message: TensorDict, kept: TensorDict) -> TensorDict:
         """Fold the stacks of the rounds after the one this machine holds into its base weights (or take the
