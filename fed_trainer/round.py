@@ -233,9 +233,8 @@ class GradientRound(Round):
     initialisation): the round's clients, sampled and weighted as in any round, are sent nothing (each builds the
     initial model itself), take their mean gradient of the `Strategy.gradient_parameters` over their first
     `gradient_examples` examples without training, and send it (compressed as the run's `update_compression` says,
-    without error feedback); the strategy's
-    `finish_round` turns the aggregate into the state round 1 starts from. No federated events fire: round 1 is the
-    first round of training."""
+    without error feedback); the strategy's `finish_round` turns the aggregate into the state round 1 starts from.
+    No federated events fire: round 1 is the first round of training."""
 
     def __init__(self, trainer: FederatedTrainer, steps_per_round: int) -> None:
         super().__init__(trainer, 0, steps_per_round)
