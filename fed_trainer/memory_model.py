@@ -9,7 +9,10 @@ Server state (`server_state_bytes`; on `server_state_device`, partitioned by ZeR
 - running sum of the round's payloads: 4 T (a robust `aggregation_rule` keeps every payload instead: 4 T each);
 - server optimizer buffers: 4 T each, one for fedavgm and nesterov, two for fedadam, fedyogi and fedadagrad;
 - SCAFFOLD: the server control and the round's control sum, 8 T; and on the CPU each client's c_k once it has
-  trained, 4 T per client (`client_state_bytes`).
+  trained, 4 T per client (`client_state_bytes`);
+- a round 0 of gradients (Fed-SB's LoRA-SB initialisation), with G the values of the weights whose gradients the
+  clients send: their running sum, 4 G (a robust rule keeps every client's: 4 G each), in round 0 in place of the
+  payloads' (the peak, 4 (G - T) more, when G > T).
 
 Client training (`client_training_bytes`; on the model's device; activations are not modelled):
 
@@ -40,17 +43,21 @@ def server_state_bytes(
     strategy: str = "fedavg",
     payloads_kept: int = 0,
     downlink_reference: bool = False,
+    gradient_values: int = 0,
 ) -> int:
     """Bytes of the server state over `trainable` averaged values of `dtype_bytes` each (a ZeRO-3 rank: its
-    partition's). `payloads_kept`: the clients' payloads a robust aggregation rule keeps at once (0: a running sum);
-    `downlink_reference`: a compressed downlink's copy of the initial message, in the model's dtype."""
+    partition's), at its largest. `payloads_kept`: the clients' payloads a robust aggregation rule keeps at once (0: a
+    running sum); `downlink_reference`: a compressed downlink's copy of the initial message, in the model's dtype;
+    `gradient_values`: the values whose gradients the clients of a round 0 send (`Strategy.gradient_parameters`)."""
+    kept = max(payloads_kept, 1)
     master = FLOAT32 if server_dtype == "float32" and dtype_bytes < FLOAT32 else dtype_bytes
-    per_value = master + FLOAT32 * (max(payloads_kept, 1) + OPTIMIZER_BUFFERS[server_optimizer])
+    per_value = master + FLOAT32 * (kept + OPTIMIZER_BUFFERS[server_optimizer])
     if downlink_reference:
         per_value += dtype_bytes
     if strategy == "scaffold":
         per_value += 2 * FLOAT32
-    return trainable * per_value
+    # round 0 (if any) sums the clients' gradients in place of their payloads
+    return trainable * per_value + FLOAT32 * kept * max(gradient_values - trainable, 0)
 
 
 def client_state_bytes(trainable: int, strategy: str = "fedavg") -> int:

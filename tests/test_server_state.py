@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
+from peft import LoraConfig
 
 from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.memory_model import client_training_bytes, server_state_bytes
@@ -71,6 +72,30 @@ def test_the_memory_model_counts_the_server_state_a_round_leaves(make_config, st
                                    downlink_reference=downlink != "none")  # fmt: skip
     assert held_bytes(trainer.strategy) == predicted
     assert {t.device for t in trainer.strategy.global_state.values()} == {CPU}
+
+
+def test_the_memory_model_counts_fed_sbs_round_0_gradient_sum_at_its_peak(make_config):
+    """Fed-SB's round 0 (LoRA-SB's initialisation) sums the clients' float32 gradients of every targeted base weight:
+    the largest server state of the run, which "auto" must size; from round 1 on only R and the heads are kept."""
+    args = make_config(num_clients=2, strategy="fed_sb", server_state_device="cpu", optim="sgd")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    trainer = FederatedTrainer(model=tiny_bert(), client_datasets=[toy_dataset(8, seed) for seed in range(2)],
+                               peft_config=lora, args=args)  # fmt: skip
+    strategy, held = trainer.strategy, []
+    finish_round = strategy.finish_round
+
+    def measured_finish_round(model):  # the state as the round's last payload has been summed
+        held.append(held_bytes(strategy))
+        finish_round(model)
+
+    strategy.finish_round = measured_finish_round
+    trainer.train()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    targeted = sum(layer.get_base_layer().weight.numel() for layer in strategy.layers.values())
+    assert targeted == 2 * 2 * 32 * 32  # query and value of two 32-wide layers
+    assert held[0] == 4 * (trainable + targeted)  # the float32 global R and heads, and the sum of gradients
+    predicted = [server_state_bytes(trainable, 4, strategy="fed_sb", gradient_values=targeted)]
+    assert held == predicted + [server_state_bytes(trainable, 4, strategy="fed_sb")] * 2
 
 
 def test_client_training_bytes_follow_adamw_and_the_zero_stages():

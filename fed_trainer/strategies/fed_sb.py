@@ -78,7 +78,7 @@ class FedSB(LoraStrategy):
             rate did far worse: docs/results.md). LoRA-SB's code uses the peak rate divided by the warmup steps.
 
     Round 0's aggregate is a float32 sum of every targeted weight's gradient (out*in per layer), kept where the
-    server state lives (`server_state_device`).
+    server state lives (`server_state_device`, whose "auto" sizes it: `fed_trainer.memory_model`).
     """
 
     title = "Fed-SB"

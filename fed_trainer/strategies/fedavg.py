@@ -82,6 +82,8 @@ class FedAvg(Strategy):
         trainable = sum(t.numel() for t in averaged.values())
         dtype_bytes = max((t.element_size() for t in averaged.values()), default=4)
         params = sum(local_shard(p).numel() for p in model.parameters())
+        gradients = self.gradient_parameters(model) if self.gradient_examples else {}
+        gradient_values = sum(p.numel() for p in gradients.values())
         state = server_state_bytes(
             trainable,
             dtype_bytes,
@@ -90,6 +92,7 @@ class FedAvg(Strategy):
             strategy=self.name,
             payloads_kept=0 if args.aggregation_rule == "mean" else args.clients_sampled_per_round,
             downlink_reference=args.downlink_compression != "none",
+            gradient_values=gradient_values,
         )
         optim = str(getattr(args.optim, "value", args.optim))
         training = client_training_bytes(params, trainable, dtype_bytes, optim=optim, strategy=self.name)
