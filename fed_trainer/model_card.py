@@ -16,6 +16,7 @@ from fed_trainer.schedule import eval_scores
 if TYPE_CHECKING:
     from transformers import TrainerState
 
+    from fed_trainer.config import FederatedConfig
     from fed_trainer.trainer import FederatedTrainer
 
 SECTION = Template("""
@@ -70,6 +71,22 @@ def rounds_as_card_rows(state: TrainerState):
         yield
     finally:
         state.log_history = history
+
+
+@contextlib.contextmanager
+def run_length_as_card_hyperparameters(args: FederatedConfig):
+    """Within the block, `max_steps` / `num_train_epochs` say what a client sampled in every round trained over the
+    run (`local_steps` or `local_epochs` times `num_rounds`, the inverse of `fed_trainer.schedule.resolve_run_length`),
+    so that Trainer's model card lists that (`training_steps` / `num_epochs`) rather than fields the run ignored."""
+    saved = args.max_steps, args.num_train_epochs
+    if args.local_steps is not None:
+        args.max_steps = args.local_steps * args.num_rounds
+    else:
+        args.max_steps, args.num_train_epochs = -1, args.local_epochs * args.num_rounds
+    try:
+        yield
+    finally:
+        args.max_steps, args.num_train_epochs = saved
 
 
 def append_federated_section(trainer: FederatedTrainer) -> None:

@@ -21,7 +21,12 @@ from fed_trainer.config import FederatedConfig
 from fed_trainer.distributed import drain_gloo_workers_at_exit
 from fed_trainer.hp_search import initial_model, report_round, start_trial
 from fed_trainer.hub import push_round, round_checkpoints_left_out
-from fed_trainer.model_card import append_federated_section, card_tags, rounds_as_card_rows
+from fed_trainer.model_card import (
+    append_federated_section,
+    card_tags,
+    rounds_as_card_rows,
+    run_length_as_card_hyperparameters,
+)
 from fed_trainer.quantized import quantization_of
 from fed_trainer.round import ClientExecutor, GradientRound, InProcessClients, Round
 from fed_trainer.schedule import evaluation_due, is_new_best, keeps_best, save_due
@@ -284,6 +289,7 @@ class FederatedTrainer(Trainer):
         """Trainer's model card, tagged as federated, plus a section stating the federated set-up, the strategy's
         paper and the final metrics (`fed_trainer.model_card`)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        with rounds_as_card_rows(self.state):  # Trainer's results table, a row per evaluated round
+        # Trainer's results table, a row per evaluated round; its hyperparameters, the run's length per client
+        with rounds_as_card_rows(self.state), run_length_as_card_hyperparameters(self.args):
             super().create_model_card(tags=[*tags, *card_tags(self)], **kwargs)
         append_federated_section(self)

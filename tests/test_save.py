@@ -64,12 +64,24 @@ def test_the_saved_model_is_the_clients_models_combined_by_the_method(make_confi
         assert torch.equal(last_round.state_dict()[name], value), name
 
 
-def test_model_card_states_strategy_rounds_clients_partition_and_metrics(make_config):
+@pytest.mark.parametrize(
+    "run_length, listed",  # Trainer's hyperparameter list: what a client trained over the run, not num_train_epochs=3
+    [
+        (dict(local_steps=3), "- training_steps: 6\n"),
+        (dict(local_steps=None, local_epochs=0.5), "- num_epochs: 1.0\n"),
+    ],
+)
+def test_model_card_states_strategy_rounds_clients_partition_and_metrics(make_config, run_length, listed):
     trainer = FederatedTrainer(
         model=tiny_bert(),
         args=make_config(
-            num_clients=3, num_rounds=2, partition="dirichlet", partition_alpha=1.0, eval_strategy="epoch"
-        ),
+            num_clients=3,
+            num_rounds=2,
+            partition="dirichlet",
+            partition_alpha=1.0,
+            eval_strategy="epoch",
+            **run_length,
+        ),  # fmt: skip
         train_dataset=toy_dataset(60),
         eval_dataset=toy_dataset(10),
     )
@@ -83,6 +95,8 @@ def test_model_card_states_strategy_rounds_clients_partition_and_metrics(make_co
     assert "clients: 3 (3 per round)" in text
     assert "partition: `dirichlet` (alpha=1.0)" in text
     assert f"eval_loss: {final['eval_loss']:.4f}" in text
+    assert listed in text and text.count("num_epochs") + text.count("training_steps") == 1
+    assert trainer.args.num_train_epochs == 3.0 and trainer.args.max_steps == -1  # given back as they were
 
 
 def test_every_round_checkpoint_fires_on_save_after_it_is_written(make_config, tmp_path):
