@@ -58,6 +58,7 @@ bench:
 	$(PY) bench/memory.py --json bench/results/memory.json
 	$(PY) bench/aggregation.py --json bench/results/aggregation.json
 	$(PY) bench/scaling.py --json bench/results/scaling.json
+	$(PY) bench/train_records.py --json bench/results/train_records.json
 
 clean:
 	rm -rf $(VENV) fed_glue_output fed_trainer_output bench/results .pytest_cache

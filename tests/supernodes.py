@@ -1,5 +1,5 @@
 """A `ClientExecutor` that stands in for the Flower transport in process (tests/test_flower.py runs the real one on
-loopback): each client's train message is the records a Flower server sends (`train_content`), answered by the
+loopback): each client's train message is the records a Flower server sends (`train_contents`), answered by the
 node side (`train_reply`) on a trainer built afresh from that node's own data, as on a SuperNode."""
 
 import torch
@@ -7,7 +7,7 @@ from flwr.app import Context, RecordDict
 
 from fed_trainer.flower import train_reply
 from fed_trainer.flower.remote import roster, trained
-from fed_trainer.flower.server_app import train_content
+from fed_trainer.flower.server_app import train_contents
 
 
 class SuperNodesInProcess:
@@ -16,11 +16,12 @@ class SuperNodesInProcess:
 
     def __init__(self, build, clients, state_dir) -> None:
         self.build, self.clients, self.state_dir = build, clients, str(state_dir)
+        self.sent: list[dict] = []  # every round's train records, by client
 
     def train(self, round) -> None:
         everyone = roster(round.trainer)
-        for position, client_id in enumerate(round.client_ids):
-            content = train_content(round, position, everyone)
+        self.sent.append(train_contents(round, everyone))
+        for client_id, content in self.sent[-1].items():
             node = Context(run_id=1, node_id=client_id, node_config={"state-dir": self.state_dir}, state=RecordDict(),
                            run_config={})  # fmt: skip
             data = lambda context, cid=client_id: (cid, self.clients[cid])  # noqa: E731
@@ -28,12 +29,13 @@ class SuperNodesInProcess:
             round.receive(client_id, *trained(reply))
 
 
-def served_like_simulated(build, clients, state_dir) -> list:
+def served_like_simulated(build, clients, state_dir) -> tuple[list, list[dict]]:
     """Train `build()` in simulation and on `SuperNodesInProcess`, check that both end with the same model (1e-6)
-    and round entries (number, bytes each way); the round entries."""
+    and round entries (number, bytes each way); (the round entries, every round's train records by client)."""
     simulated, served = build(), build()
     simulated.train()
-    served.client_executor = SuperNodesInProcess(build, clients, state_dir)
+    nodes = SuperNodesInProcess(build, clients, state_dir)
+    served.client_executor = nodes
     served.train()
     expected = simulated.model.state_dict()
     for name, value in served.model.state_dict().items():
@@ -41,4 +43,4 @@ def served_like_simulated(build, clients, state_dir) -> list:
     logged = [[(e["round"], e["bytes_up"], e["bytes_down"]) for e in t.state.log_history if "round" in e]
               for t in (served, simulated)]  # fmt: skip
     assert logged[0] == logged[1]
-    return logged[0]
+    return logged[0], nodes.sent

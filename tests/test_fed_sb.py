@@ -11,6 +11,7 @@ from supernodes import served_like_simulated
 from transformers import default_data_collator
 
 from fed_trainer import FederatedCallback, FederatedTrainer
+from fed_trainer.flower.remote import record_tensors
 from fed_trainer.round import ClientPlan, remote_update
 from fed_trainer.strategies.lora import ADAPTER
 
@@ -153,15 +154,25 @@ def test_supernodes_built_afresh_for_every_message_end_where_the_simulation_ends
     """Round 0 and three rounds of 2 of the 3 clients through the records a Flower server sends, each answered by a
     trainer built afresh on the node (as a SuperNode does): round 0's order to send gradients, B and A reaching each
     node in its first message after it and kept in the node's file. The served run ends with the simulation's model
-    and bytes."""
+    and bytes. A round that sends B and A to some clients only sends two records, one to the clients of each kind
+    (clients sent equal messages share one: `train_contents`)."""
     config = dict(strategy="fed_sb", learning_rate=2e-2, num_rounds=3, clients_per_round=2)
 
     def build(context=None, client_datasets=CLIENTS):
         return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets, peft_config=LORA,
                                 args=make_config(**config))  # fmt: skip
 
-    logged = served_like_simulated(build, CLIENTS, tmp_path / "nodes")
+    logged, sent = served_like_simulated(build, CLIENTS, tmp_path / "nodes")
     assert [entry[0] for entry in logged] == [0, 1, 2, 3]
+    kinds = []  # per round: which sampled clients were sent B and A, and the number of distinct records
+    for contents in sent:
+        bases = {cid: any(k.endswith(".basis_A") for k in record_tensors(c["arrays"])) for cid, c in contents.items()}
+        records = len({id(c["arrays"]) for c in contents.values()})
+        kinds.append((sorted(cid for cid, carries in bases.items() if carries), records))
+    assert kinds[0] == ([], 1) and kinds[1] == ([*sorted(sent[1])], 1)  # round 0: nothing; round 1: B and A to all
+    assert any(0 < len(carried) < 2 for carried, _ in kinds[2:])  # a round of both kinds (here 2: client 0's first)
+    for carried, records in kinds[2:]:
+        assert records == (2 if 0 < len(carried) < 2 else 1)
 
 
 def test_lora_sb_refuses_client_level_dp(make_config):

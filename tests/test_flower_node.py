@@ -11,14 +11,25 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import tiny_bert, toy_dataset
 from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from loopback import APP, TINY
+from supernodes import served_like_simulated
 
+from fed_trainer import FederatedTrainer
 from fed_trainer.clients import RemoteClient
-from fed_trainer.flower.remote import EvalOrder, introduced, record_tensors, roster, tensor_record, trained
-from fed_trainer.flower.server_app import train_content
+from fed_trainer.flower.remote import (
+    EvalOrder,
+    introduced,
+    record_holds,
+    record_tensors,
+    roster,
+    tensor_record,
+    trained,
+)
+from fed_trainer.flower.server_app import train_contents
 from fed_trainer.flower.warm import warm_client_app, worker_files
 
 
@@ -53,6 +64,32 @@ def test_tensors_come_out_of_a_flower_record_as_they_went_in_whatever_their_dtyp
     assert torch.equal(received["bfloat16"], tensors["bfloat16"])
 
 
+def test_a_record_holds_only_the_very_tensors_it_was_made_of():
+    tensors = {"w": torch.randn(3, 5), "b": torch.randn(7, dtype=torch.bfloat16)}
+    record = tensor_record(tensors)
+    assert record_holds(record, {name: t.clone() for name, t in tensors.items()})
+    w, b = tensors["w"], tensors["b"]
+    changed = w.clone()
+    changed[2, 4] += 1e-6
+    for other in ({"w": changed, "b": b}, {"b": b, "w": w}, {"w": w}, {"w": w, "b": b.float()},
+                  {"w": w.reshape(5, 3), "b": b}, {"w": w, "b": b, "c": torch.zeros(0)}):  # fmt: skip
+        assert not record_holds(record, other)
+
+
+def test_every_client_of_a_fedavg_round_is_sent_one_shared_record(make_config, tmp_path):
+    """FedAvg sends every client the global model: one `ArrayRecord` serves the whole round (the ServerApp holds one
+    serialized copy of the model, not one per client), and the served run ends where the simulation ends."""
+    clients = [toy_dataset(8, seed) for seed in range(3)]
+
+    def build(context=None, client_datasets=clients):
+        return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets,
+                                args=make_config(num_rounds=2))  # fmt: skip
+
+    _, sent = served_like_simulated(build, clients, tmp_path / "nodes")
+    assert [len(contents) for contents in sent] == [3, 3]
+    assert [len({id(content["arrays"]) for content in contents.values()}) for contents in sent] == [1, 1]
+
+
 def flower_message(kind: str, content: RecordDict, context: Context) -> Message:
     """A message as a SuperNode's ClientApp receives it from the server."""
     metadata = Metadata(
@@ -63,7 +100,7 @@ def flower_message(kind: str, content: RecordDict, context: Context) -> Message:
 
 
 class WarmNodes:
-    """A `ClientExecutor` that sends each client the records a Flower server sends (`train_content`) to the warm
+    """A `ClientExecutor` that sends each client the records a Flower server sends (`train_contents`) to the warm
     ClientApp of its SuperNode (`contexts`), called here as flwr's ClientApp process would call it."""
 
     def __init__(self, app, contexts: dict) -> None:
@@ -71,11 +108,9 @@ class WarmNodes:
 
     def train(self, round) -> None:
         everyone = roster(round.trainer)
-        for position, client_id in enumerate(round.client_ids):
+        for client_id, content in train_contents(round, everyone).items():
             context = self.contexts[client_id]
-            reply = self.app(
-                flower_message(MessageType.TRAIN, train_content(round, position, everyone), context), context
-            )
+            reply = self.app(flower_message(MessageType.TRAIN, content, context), context)
             assert not reply.has_error(), reply.error
             round.receive(client_id, *trained(reply.content))
 

@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
@@ -55,6 +56,22 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
             flat[offset : offset + size].view(dtype).reshape(shape) if size else torch.zeros(shape, dtype=dtype)
         )
     return tensors
+
+
+def record_holds(record: ArrayRecord, tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `record` (a `tensor_record`) holds exactly `tensors`: the same names in the same order, dtypes, shapes
+    and bytes (compared tensor by tensor, without a second copy of the record)."""
+    layout = json.loads(bytes(record[LAYOUT].data))
+    if [entry[0] for entry in layout] != list(tensors):
+        return False
+    flat = record[FLAT].data
+    for (_, dtype, shape, offset), tensor in zip(layout, tensors.values()):
+        if dtype != str(tensor.dtype).removeprefix("torch.") or shape != list(tensor.shape):
+            return False
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if not np.array_equal(np.frombuffer(flat, dtype=np.uint8, count=raw.size, offset=offset), raw):
+            return False
+    return True
 
 
 PLAN_PREFIX = "plan-"

@@ -23,6 +23,7 @@ from fed_trainer.flower.remote import (
     evaluated,
     introduced,
     node_seconds,
+    record_holds,
     roster,
     tensor_record,
     trained,
@@ -88,10 +89,9 @@ class GridClients:
         """Send every client its message and plan, hand the replies to the round in client order."""
         everyone = roster(round.trainer)
         messages = {
-            client_id: Message(content=train_content(round, position, everyone), message_type=MessageType.TRAIN,
-                               dst_node_id=self.nodes[client_id])
-            for position, client_id in enumerate(round.client_ids)
-        }  # fmt: skip
+            client_id: Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[client_id])
+            for client_id, content in train_contents(round, everyone).items()
+        }
         start, sent_at = time.perf_counter(), time.time()
         contents, failures, received_at = self.exchange(messages)
         round.notes["nodes_s"] = time.perf_counter() - start
@@ -164,12 +164,23 @@ class GridClients:
         return scores, personalized
 
 
-def train_content(round: Round, position: int, everyone: dict) -> RecordDict:
-    """What the server sends the client at `position` of `round`: its message's tensors and its `TrainOrder` (the
-    round's plan for it, with the roster of the run, `everyone`)."""
-    client_id = round.client_ids[position]
-    order = TrainOrder(round.number, client_id, round.plan(position), everyone)
-    return RecordDict({"arrays": tensor_record(round.message(client_id)), "config": order.record()})
+def train_contents(round: Round, everyone: dict) -> dict[object, RecordDict]:
+    """What the server sends each client of `round`, by client id: its message's tensors and its `TrainOrder` (the
+    round's plan for it, with the roster of the run, `everyone`).
+
+    Clients whose messages are equal (FedAvg's and most strategies': the global model) share one `ArrayRecord`, so
+    the ServerApp holds one serialized copy of a model, not one per client, and flwr hashes and pushes it once (its
+    objects are keyed by content)."""
+    contents, records = {}, []  # every distinct message's record, in the order first sent
+    for position, client_id in enumerate(round.client_ids):
+        message = round.message(client_id)
+        record = next((r for r in records if record_holds(r, message)), None)
+        if record is None:
+            record = tensor_record(message)
+            records.append(record)
+        order = TrainOrder(round.number, client_id, round.plan(position), everyone)
+        contents[client_id] = RecordDict({"arrays": record, "config": order.record()})
+    return contents
 
 
 def server_app(build_trainer: TrainerBuilder) -> ServerApp:
