@@ -259,14 +259,26 @@ def label_mix_accuracies(predicted: np.ndarray, labels: np.ndarray, client_label
     return [float(share @ per_class / share.sum()) for share in shares]
 
 
+class KeptPredictions:
+    """A task's `compute_metrics` that also keeps the predicted classes and labels of the evaluation it last scored
+    (`last`), so that the final model's per-client accuracies take no second pass over the validation set."""
+
+    def __init__(self, compute_metrics) -> None:
+        self.compute_metrics, self.last = compute_metrics, None
+
+    def __call__(self, prediction) -> dict:
+        self.last = prediction.predictions.argmax(-1), prediction.label_ids
+        return self.compute_metrics(prediction)
+
+
 def client_accuracies(trainer: Trainer, validation, clients: list) -> list[float]:
-    """`label_mix_accuracies` of the trainer's model for each of `clients` (datasets with a `label` column); of each
-    client's own model where the strategy keeps one per client (FedSA-LoRA's B: `own_model`)."""
+    """`label_mix_accuracies` of the trainer's model for each of `clients` (datasets with a `label` column), from its
+    last evaluation (`KeptPredictions`: the final model's); of each client's own model where the strategy keeps one
+    per client (FedSA-LoRA's B: `own_model`)."""
     labels = [c["label"] for c in clients]
     strategy = getattr(trainer, "strategy", None)
     if strategy is None or not strategy.personal_state(0):
-        output = trainer.predict(validation)
-        return label_mix_accuracies(output.predictions.argmax(-1), output.label_ids, labels)
+        return label_mix_accuracies(*trainer.compute_metrics.last, labels)
     accuracies = []
     for k, client_labels in enumerate(labels):
         with own_model(trainer, k):
@@ -281,6 +293,10 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
     local-only client's own model), bytes, peak RSS and wall time."""
     key = f"eval_{task.metric}"
     per_client = task.metric == "accuracy" and task.client_column is None
+
+    def scorer():  # a trainer's compute_metrics
+        return KeptPredictions(task.compute_metrics) if per_client else task.compute_metrics
+
     common = dict(
         output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=32, learning_rate=lr,
         warmup_steps=0, seed=seed, report_to="none", disable_tqdm=True, use_cpu=True, save_strategy="no",
@@ -298,7 +314,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
                 args = TrainingArguments(max_steps=a.rounds * a.local_steps, eval_strategy="no", **common)
                 trainer = Trainer(
                     model=seeded_model(task, seed), args=args, train_dataset=shard, data_collator=task.collator,
-                    eval_dataset=validation, compute_metrics=task.compute_metrics,
+                    eval_dataset=validation, compute_metrics=scorer(),
                 )  # fmt: skip
                 trainer.pop_callback(PrinterCallback)
                 trainer.train()
@@ -319,7 +335,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, train, validation, a,
             )  # fmt: skip
             trainer = FederatedTrainer(
                 model=seeded_model(task, seed), args=config, client_datasets=[train] if centralized else clients,
-                eval_dataset=validation, data_collator=task.collator, compute_metrics=task.compute_metrics,
+                eval_dataset=validation, data_collator=task.collator, compute_metrics=scorer(),
                 peft_config=LoraConfig(**task.lora) if family(method) == "lora" else None,
                 callbacks=[RoundPrinter(method, task.metric)],
             )  # fmt: skip
