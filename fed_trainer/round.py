@@ -24,6 +24,7 @@ from fed_trainer.compression import translated
 from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
 from fed_trainer.privacy import privacy_spent
 from fed_trainer.server_state import OnDevice
+from fed_trainer.strategies.base import equal_tensors
 from fed_trainer.zero import reload_partitions
 
 if TYPE_CHECKING:
@@ -93,7 +94,8 @@ class Round:
         self.accepted: list = []  # clients whose update went into the aggregate
         self.rejected: list = []  # clients whose update held NaN or Inf
         self.bytes_up = self.bytes_down = 0
-        self.messages: dict = {}  # (message, as sent) by client, while its reply is awaited (compressed traffic only)
+        # (message, as sent) by client, while its reply is awaited (compressed traffic only; equal ones shared: `held`)
+        self.messages: dict = {}
         self.notes: dict = {}  # what the executor adds to the round's log (Flower: where its nodes' time went)
 
     def plan(self, position: int) -> ClientPlan:
@@ -112,8 +114,18 @@ class Round:
         sent = strategy.sent_message(message)
         self.bytes_down += strategy.traffic_bytes(sent)
         if strategy.compressor is not None or strategy.downlink is not None:  # its reply is decoded against it
-            self.messages[client_id] = message, sent
+            self.messages[client_id] = self.held(message), self.held(sent)
         return sent
+
+    def held(self, tensors: TensorDict) -> TensorDict:
+        """`tensors`, or an equal message (or sent form) already held for another client of the round: on Flower all
+        the round's replies are awaited at once, and a copy of the global model per client (a bfloat16 model's
+        message, cast from its float32 master) would add up."""
+        for pair in self.messages.values():
+            for other in pair:
+                if equal_tensors(other, tensors):
+                    return other
+        return tensors
 
     def receive(self, client_id, payload: TensorDict, loss: float) -> None:
         """A client's reply (its bytes counted, as it travelled): aggregated, or rejected if it holds NaN or Inf."""

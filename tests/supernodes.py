@@ -17,10 +17,13 @@ class SuperNodesInProcess:
     def __init__(self, build, clients, state_dir) -> None:
         self.build, self.clients, self.state_dir = build, clients, str(state_dir)
         self.sent: list[dict] = []  # every round's train records, by client
+        self.held: list[tuple[int, int]] = []  # every round's distinct (messages, sent forms) awaiting the replies
 
     def train(self, round) -> None:
         everyone = roster(round.trainer)
         self.sent.append(train_contents(round, everyone))
+        pairs = round.messages.values()
+        self.held.append((len({id(message) for message, _ in pairs}), len({id(sent) for _, sent in pairs})))
         for client_id, content in self.sent[-1].items():
             node = Context(run_id=1, node_id=client_id, node_config={"state-dir": self.state_dir}, state=RecordDict(),
                            run_config={})  # fmt: skip
@@ -29,9 +32,9 @@ class SuperNodesInProcess:
             round.receive(client_id, *trained(reply))
 
 
-def served_like_simulated(build, clients, state_dir) -> tuple[list, list[dict]]:
+def served_like_simulated(build, clients, state_dir) -> tuple[list, SuperNodesInProcess]:
     """Train `build()` in simulation and on `SuperNodesInProcess`, check that both end with the same model (1e-6)
-    and round entries (number, bytes each way); (the round entries, every round's train records by client)."""
+    and round entries (number, bytes each way); (the round entries, the served run's `SuperNodesInProcess`)."""
     simulated, served = build(), build()
     simulated.train()
     nodes = SuperNodesInProcess(build, clients, state_dir)
@@ -43,4 +46,4 @@ def served_like_simulated(build, clients, state_dir) -> tuple[list, list[dict]]:
     logged = [[(e["round"], e["bytes_up"], e["bytes_down"]) for e in t.state.log_history if "round" in e]
               for t in (served, simulated)]  # fmt: skip
     assert logged[0] == logged[1]
-    return logged[0], nodes.sent
+    return logged[0], nodes

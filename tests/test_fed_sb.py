@@ -162,7 +162,8 @@ def test_supernodes_built_afresh_for_every_message_end_where_the_simulation_ends
         return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets, peft_config=LORA,
                                 args=make_config(**config))  # fmt: skip
 
-    logged, sent = served_like_simulated(build, CLIENTS, tmp_path / "nodes")
+    logged, nodes = served_like_simulated(build, CLIENTS, tmp_path / "nodes")
+    sent = nodes.sent
     assert [entry[0] for entry in logged] == [0, 1, 2, 3]
     kinds = []  # per round: which sampled clients were sent B and A, and the number of distinct records
     for contents in sent:

@@ -85,7 +85,7 @@ def test_every_client_of_a_fedavg_round_is_sent_one_shared_record(make_config, t
         return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=client_datasets,
                                 args=make_config(num_rounds=2))  # fmt: skip
 
-    _, sent = served_like_simulated(build, clients, tmp_path / "nodes")
+    sent = served_like_simulated(build, clients, tmp_path / "nodes")[1].sent
     assert [len(contents) for contents in sent] == [3, 3]
     assert [len({id(content["arrays"]) for content in contents.values()}) for contents in sent] == [1, 1]
 

@@ -26,6 +26,16 @@ def tensor_bytes(tensors: TensorDict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def equal_tensors(a: TensorDict, b: TensorDict) -> bool:
+    """Whether `a` and `b` hold the same names with equal tensors (dtype, shape, device and values)."""
+    if a.keys() != b.keys():
+        return False
+    return all(
+        x is y or (x.dtype == y.dtype and x.shape == y.shape and x.device == y.device and torch.equal(x, y))
+        for x, y in ((a[name], b[name]) for name in a)
+    )
+
+
 def trainable_state(model: nn.Module) -> TensorDict:
     """The live tensors clients can change: trainable parameters and floating-point buffers (e.g. BatchNorm stats).
 
