@@ -148,12 +148,13 @@ class Scaffold(FedAvg):
                 f"client {client_id!r} took no optimizer step at a positive learning rate this round, so SCAFFOLD's "
                 "control update (x - y_k) / (K lr) is undefined."
             )
-        changes = {
-            name: (start - payload[name].detach().float()) / rate_sum - self._server_control[name]
-            for name, start in self._start.items()
-        }
-        self._own_next = {name: self._own[name] + change for name, change in changes.items()}
-        self.steps.corrections, self._start, self._own = [], {}, {}  # model-sized: not kept past the client
+        # tensor by tensor, each start weight and c_k let go once used (the corrections first: training is over), so
+        # that the payload's control changes and the new c_k do not come on top of three more model-sized copies
+        self.steps.corrections, changes, self._own_next = [], {}, {}
+        for name in list(self._start):
+            start = self._start.pop(name)
+            changes[name] = (start - payload[name].detach().float()) / rate_sum - self._server_control[name]
+            self._own_next[name] = self._own.pop(name) + changes[name]
         return {**payload, **{message_key(name, "control"): change for name, change in changes.items()}}
 
     def client_state(self, client_id) -> TensorDict:
