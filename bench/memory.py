@@ -21,8 +21,9 @@
 - `--server-state`: the memory model (`fed_trainer.memory_model`) against measured RSS: MiniLM and SmolLM2-135M in
   float32 under fedavg, fedavg + fedadam and scaffold, 2 rounds of 2 clients with `server_state_device="cpu"`, each
   in its own process (`FIXED_MMAP`); the RSS above the loaded model after the run (the server state, and what else
-  the run keeps) and at the peak, against `server_state_bytes` and `server_state_bytes` + `client_training_bytes`
-  (without the weights, which are loaded); and FedAdam's buffers alone (its run minus fedavg's).
+  the run keeps) and at the peak, against `server_state_bytes` (with every client's `client_state_bytes`) and that
+  plus `client_training_bytes` (without the weights, which are loaded) and the new client state of the round's
+  clients trained before the last; and FedAdam's buffers alone (its run minus fedavg's).
 
     python bench/memory.py --repeats 3 --json bench/results/memory.json
     python bench/memory.py --rounds 10 --repeats 3 --json bench/results/memory_rounds.json
@@ -313,6 +314,8 @@ def state_child(a) -> None:
     state = server_state_bytes(params, 4, strategy=strategy, server_optimizer=server_optimizer)
     state = (state + args.num_clients * client_state_bytes(params, strategy)) / 2**20
     training = client_training_bytes(params, params, 4, optim=optim, strategy=strategy) - 4 * params  # (loaded)
+    # the peak is the round's last client's training: the clients trained before it in the round have their new state
+    training += (args.clients_sampled_per_round - 1) * client_state_bytes(params, strategy)
     training /= 2**20
     print(json.dumps({"model": name, "strategy": strategy, "server_optimizer": server_optimizer, "params": params,
                       "state_mib": after - loaded, "peak_mib": peak - loaded, "predicted_state_mib": state,
@@ -351,7 +354,8 @@ def state_main(a) -> None:
         "work": f"2 rounds x 2 clients x 2 steps, batch {a.batch_size} x {a.seq_len} tokens, float32, CPU, "
         "server_state_device='cpu'",
         "memory": "MiB of RSS above the loaded model (median over runs): after the run (state) and at the peak",
-        "predicted": "fed_trainer.memory_model: server_state_bytes; + client_training_bytes without the weights",
+        "predicted": "fed_trainer.memory_model: server_state_bytes (+ client_state_bytes per client); + "
+        "client_training_bytes without the weights, + client_state_bytes per client trained before the round's last",
         "largest_deviation": max(abs(r[f"{k}_ratio"] - 1) for r in measured_rows for k in ("state", "peak")),
         "malloc": f"glibc with {FIXED_MMAP}",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

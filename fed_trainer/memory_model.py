@@ -9,7 +9,8 @@ Server state (`server_state_bytes`; on `server_state_device`, partitioned by ZeR
 - running sum of the round's payloads: 4 T (a robust `aggregation_rule` keeps every payload instead: 4 T each);
 - server optimizer buffers: 4 T each, one for fedavgm and nesterov, two for fedadam, fedyogi and fedadagrad;
 - SCAFFOLD: the server control and the round's control sum, 8 T; and on the CPU each client's c_k once it has
-  trained, 4 T per client (`client_state_bytes`);
+  trained, 4 T per client (`client_state_bytes`), and while a round lasts the new c_k of each client it has trained
+  so far, 4 T more per client (beside its old one until the round ends: a round can still be undone);
 - a round 0 of gradients (Fed-SB's LoRA-SB initialisation), with G the values of the weights whose gradients the
   clients send: their running sum, 4 G (a robust rule keeps every client's: 4 G each), in round 0 in place of the
   payloads' (the peak, 4 (G - T) more, when G > T).
@@ -61,7 +62,8 @@ def server_state_bytes(
 
 
 def client_state_bytes(trainable: int, strategy: str = "fedavg") -> int:
-    """Bytes the server keeps on the CPU for each client that has trained (SCAFFOLD's c_k; 0 for the others)."""
+    """Bytes the server keeps on the CPU for each client that has trained (SCAFFOLD's c_k; 0 for the others); as
+    much again, until the round ends, for each client trained in the round so far."""
     return FLOAT32 * trainable if strategy == "scaffold" else 0
 
 
