@@ -315,11 +315,11 @@ def state_child(a) -> None:
     state = (state + args.num_clients * client_state_bytes(params, strategy)) / 2**20
     training = client_training_bytes(params, params, 4, optim=optim, strategy=strategy) - 4 * params  # (loaded)
     # the peak is the round's last client's training: the clients trained before it in the round have their new state
-    training += (args.clients_sampled_per_round - 1) * client_state_bytes(params, strategy)
-    training /= 2**20
+    earlier_clients = (args.clients_sampled_per_round - 1) * client_state_bytes(params, strategy)
+    peak_extra = (training + earlier_clients) / 2**20
     print(json.dumps({"model": name, "strategy": strategy, "server_optimizer": server_optimizer, "params": params,
                       "state_mib": after - loaded, "peak_mib": peak - loaded, "predicted_state_mib": state,
-                      "predicted_peak_mib": state + training}))  # fmt: skip
+                      "predicted_peak_mib": state + peak_extra}))  # fmt: skip
 
 
 def state_main(a) -> None:

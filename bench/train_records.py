@@ -33,17 +33,21 @@ def one_record_per_client(round: Round, everyone: dict) -> list:
     return [tensor_record(round.message(client_id)) for client_id in round.client_ids]
 
 
+def shared_records(round: Round, everyone: dict) -> list:
+    return [content["arrays"] for content in train_contents(round, everyone).values()]
+
+
 def measured(build, trainer) -> tuple[float, float, int]:
-    """(seconds, peak MiB of Python-allocated memory, distinct records) of `build(round, roster)` for round 1."""
+    """(seconds, peak MiB of Python-allocated memory, distinct records) of `build(round, roster)` (the round's
+    records, one per client) for round 1."""
     round, everyone = Round(trainer, 1, trainer.args.local_steps), roster(trainer)
     gc.collect()
     tracemalloc.start()
     start = time.perf_counter()
-    built = build(round, everyone)
+    records = build(round, everyone)
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    records = built if isinstance(built, list) else [content["arrays"] for content in built.values()]
     return seconds, peak, len({id(record) for record in records})
 
 
@@ -58,7 +62,7 @@ def main() -> None:
         trainer = FederatedTrainer(model=model, args=args, client_datasets=[RemoteClient(64)] * a.clients)
         rows = []
         for repeat in range(a.repeats):
-            for name, build in (("one per client", one_record_per_client), ("train_contents", train_contents)):
+            for name, build in (("one per client", one_record_per_client), ("train_contents", shared_records)):
                 seconds, peak, records = measured(build, trainer)
                 rows.append({"repeat": repeat, "records": name, "distinct": records, "seconds": seconds,
                              "peak_MiB": peak})  # fmt: skip
