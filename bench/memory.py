@@ -18,12 +18,15 @@
   above that baseline as a ratio to full fine-tuning's, and the bytes one client sends per round. On a CPU, compute
   runs in float32 and a quantized layer is dequantized for every product. The children run with a fixed glibc mmap
   threshold (`FIXED_MMAP`), so that freed transient buffers leave the RSS (`--glibc-default-malloc`: not).
-- `--server-state`: the memory model (`fed_trainer.memory_model`) against measured RSS: MiniLM and SmolLM2-135M in
-  float32 under fedavg, fedavg + fedadam and scaffold, 2 rounds of 2 clients with `server_state_device="cpu"`, each
-  in its own process (`FIXED_MMAP`); the RSS above the loaded model after the run (the server state, and what else
-  the run keeps) and at the peak, against `server_state_bytes` (with every client's `client_state_bytes`) and that
-  plus `client_training_bytes` (without the weights, which are loaded) and the new client state of the round's
-  clients trained before the last; and FedAdam's buffers alone (its run minus fedavg's).
+- `--server-state`: the memory model (`fed_trainer.memory_model`) against measured memory: MiniLM and SmolLM2-135M
+  in float32 under fedavg, fedavg + fedadam and scaffold, 2 rounds of 2 clients with `server_state_device="cpu"`,
+  each in its own process (`FIXED_MMAP`); the memory above the loaded model after the run (the server state, and
+  what else the run keeps) and at the peak, against `server_state_bytes` (with every client's `client_state_bytes`)
+  and that plus `client_training_bytes` (without the weights, which are loaded) and the new client state of the
+  round's clients trained before the last; and FedAdam's buffers alone (its run minus fedavg's). Measured two ways:
+  the process's RSS (median over `--repeats`), and, in one more run each, the bytes of the CPU tensors the run
+  allocated (`allocated_tensor_bytes`: the allocator's own count, the same in every run, without the process's
+  other memory, as `torch.cuda.max_memory_allocated` counts a GPU's).
 
     python bench/memory.py --repeats 3 --json bench/results/memory.json
     python bench/memory.py --rounds 10 --repeats 3 --json bench/results/memory_rounds.json
@@ -43,6 +46,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -280,14 +284,39 @@ STATE_RUNS = [
 ]
 
 
+@contextmanager
+def allocated_tensor_bytes():
+    """Yields a dict that holds, once the block ends, the bytes of the CPU tensors allocated in the block that are
+    still alive (`final`) and the most alive at once (`peak`): the CPU allocator's own count, as torch's profiler
+    records it (`profile_memory`), without the process's other memory (Python objects, libraries, the allocator's
+    free pages), as `torch.cuda.max_memory_allocated` counts a GPU's."""
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    counts: dict[str, int] = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield counts
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    total = peak = 0
+    for event in sorted((e for e in events if e.device_type() == DeviceType.CPU), key=lambda e: e.start_ns()):
+        total += event.nbytes()
+        peak = max(peak, total)
+    counts.update(final=total, peak=peak)
+
+
+MEASURES = ("rss", "tensors")  # what state_child measures: the process's RSS, or its tensors' bytes
+KINDS = ("state", "peak")  # when: after the run, and at the peak
+
+
 def state_child(a) -> None:
-    """One run of `STATE_RUNS[a.state_child]`: 2 rounds of 2 clients on the CPU; prints the RSS it added above the
+    """One run of `STATE_RUNS[a.state_child]`: 2 rounds of 2 clients on the CPU; prints the memory it added above the
     loaded model, after the run (the server state and what else outlives a round) and at its peak (during a client's
-    training in round 2, with the state of round 1 in place), beside the memory model's predictions."""
+    training in round 2, with the state of round 1 in place), beside the memory model's predictions: the RSS, or
+    with `--tensors` the bytes of the tensors (`allocated_tensor_bytes`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fed_trainer.assets import smollm2_path
-    from fed_trainer.memory_model import client_state_bytes, client_training_bytes, server_state_bytes
+    from fed_trainer.memory_model import client_state_bytes, client_training_bytes, server_state_bytes, tensor_values
 
     name, strategy, server_optimizer = STATE_RUNS[a.state_child]
     if name == "minilm":
@@ -299,7 +328,7 @@ def state_child(a) -> None:
     loaded = current_rss_mib()
     reset_peak_rss()
     optim = "sgd" if strategy == "scaffold" else "adamw_torch"
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, allocated_tensor_bytes() if a.tensors else nullcontext() as tensors:
         args = FederatedConfig(
             output_dir=out, num_clients=2, num_rounds=2, local_steps=2, per_device_train_batch_size=a.batch_size,
             learning_rate=1e-4, report_to="none", disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
@@ -309,17 +338,22 @@ def state_child(a) -> None:
         trainer = FederatedTrainer(model=model, args=args, client_datasets=[data.shard(2, 0), data.shard(2, 1)],
                                    data_collator=collator)  # fmt: skip
         trainer.train()
-    after, peak = current_rss_mib(), peak_rss_mib()
+    if a.tensors:
+        state_mib, peak_mib = tensors["final"] / 2**20, tensors["peak"] / 2**20
+    else:
+        state_mib, peak_mib = current_rss_mib() - loaded, peak_rss_mib() - loaded
     params = sum(p.numel() for p in model.parameters())
     state = server_state_bytes(params, 4, strategy=strategy, server_optimizer=server_optimizer)
     state = (state + args.num_clients * client_state_bytes(params, strategy)) / 2**20
-    training = client_training_bytes(params, params, 4, optim=optim, strategy=strategy) - 4 * params  # (loaded)
+    largest, tied = tensor_values(model)
+    training = client_training_bytes(params, params, 4, optim=optim, strategy=strategy, largest=largest, tied=tied,
+                                     device_type="cpu") - 4 * params  # (the weights are loaded)  # fmt: skip
     # the peak is the round's last client's training: the clients trained before it in the round have their new state
     earlier_clients = (args.clients_sampled_per_round - 1) * client_state_bytes(params, strategy)
     peak_extra = (training + earlier_clients) / 2**20
     print(json.dumps({"model": name, "strategy": strategy, "server_optimizer": server_optimizer, "params": params,
-                      "state_mib": after - loaded, "peak_mib": peak - loaded, "predicted_state_mib": state,
-                      "predicted_peak_mib": state + peak_extra}))  # fmt: skip
+                      "measure": "tensors" if a.tensors else "rss", "state_mib": state_mib, "peak_mib": peak_mib,
+                      "predicted_state_mib": state, "predicted_peak_mib": state + peak_extra}))  # fmt: skip
 
 
 def state_main(a) -> None:
@@ -328,35 +362,42 @@ def state_main(a) -> None:
         for index in range(len(STATE_RUNS)):
             out = run_child(a, 1, extra=("--state-child", str(index)), env=FIXED_MMAP)
             runs.append({"repeat": repeat, **json.loads(out.strip().splitlines()[-1])})
+    for index in range(len(STATE_RUNS)):  # once: the allocator's count is the same in every run
+        out = run_child(a, 1, extra=("--state-child", str(index), "--tensors"), env=FIXED_MMAP)
+        runs.append({"repeat": 0, **json.loads(out.strip().splitlines()[-1])})
     rows = []
     for name, strategy, server_optimizer in STATE_RUNS:
         mine = [r for r in runs if (r["model"], r["strategy"], r["server_optimizer"]) == (name, strategy,
                                                                                         server_optimizer)]  # fmt: skip
         row = {"model": name, "strategy": strategy, "server_optimizer": server_optimizer, "params": mine[0]["params"]}
-        for kind in ("state", "peak"):
-            measured = median([r[f"{kind}_mib"] for r in mine])
+        for kind in KINDS:
+            measured = {m: median([r[f"{kind}_mib"] for r in mine if r["measure"] == m]) for m in MEASURES}
             predicted = mine[0][f"predicted_{kind}_mib"]
-            row.update(
-                {f"{kind}_mib": measured, f"predicted_{kind}_mib": predicted, f"{kind}_ratio": measured / predicted}
-            )
+            row.update({f"{kind}_{m}_mib": measured[m] for m in MEASURES})
+            row[f"predicted_{kind}_mib"] = predicted
+            row.update({f"{kind}_{m}_ratio": measured[m] / predicted for m in MEASURES})
         rows.append(row)
     by_run = {(r["model"], r["strategy"], r["server_optimizer"]): r for r in rows}
     for name in ("minilm", "smollm2"):  # FedAdam's two buffers alone: what the run keeps besides cancels out
         adam, plain = by_run[(name, "fedavg", "fedadam")], by_run[(name, "fedavg", "none")]
-        measured = adam["state_mib"] - plain["state_mib"]
+        row = {"model": name, "strategy": "fedavg", "server_optimizer": "fedadam minus none", "params": adam["params"]}
         predicted = adam["predicted_state_mib"] - plain["predicted_state_mib"]
-        rows.append({"model": name, "strategy": "fedavg", "server_optimizer": "fedadam minus none",
-                     "params": adam["params"], "state_mib": measured, "predicted_state_mib": predicted,
-                     "state_ratio": measured / predicted, "peak_mib": "-", "predicted_peak_mib": "-",
-                     "peak_ratio": "-"})  # fmt: skip
-    measured_rows = [r for r in rows if r["peak_ratio"] != "-"]
+        row.update({f"state_{m}_mib": adam[f"state_{m}_mib"] - plain[f"state_{m}_mib"] for m in MEASURES})
+        row["predicted_state_mib"] = predicted
+        row.update({f"state_{m}_ratio": row[f"state_{m}_mib"] / predicted for m in MEASURES})
+        rows.append({**row, **{key: "-" for key in rows[0] if key.startswith("peak") or key == "predicted_peak_mib"}})
+    measured_rows = [r for r in rows if r["peak_rss_ratio"] != "-"]
     summary = {
         "work": f"2 rounds x 2 clients x 2 steps, batch {a.batch_size} x {a.seq_len} tokens, float32, CPU, "
         "server_state_device='cpu'",
-        "memory": "MiB of RSS above the loaded model (median over runs): after the run (state) and at the peak",
+        "memory": "MiB above the loaded model after the run (state) and at the peak: the RSS (median over runs), and "
+        "the CPU tensors allocated (torch's profiler, one run)",
         "predicted": "fed_trainer.memory_model: server_state_bytes (+ client_state_bytes per client); + "
         "client_training_bytes without the weights, + client_state_bytes per client trained before the round's last",
-        "largest_deviation": max(abs(r[f"{k}_ratio"] - 1) for r in measured_rows for k in ("state", "peak")),
+        **{
+            f"largest_deviation_{m}": max(abs(r[f"{k}_{m}_ratio"] - 1) for r in measured_rows for k in KINDS)
+            for m in MEASURES
+        },  # fmt: skip
         "malloc": f"glibc with {FIXED_MMAP}",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
@@ -375,6 +416,7 @@ def main() -> None:
     p.add_argument("--llm", action="store_true", help="one SmolLM2 client: full, GaLore, LoRA, LoRA 8-bit, 4-bit")
     p.add_argument("--server-state", action="store_true", help="check the memory model (fed_trainer.memory_model)")
     p.add_argument("--state-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tensors", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--glibc-default-malloc", action="store_true", help="--llm without the fixed mmap threshold")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--llm-child", choices=list(LLM_CLIENTS), help=argparse.SUPPRESS)

@@ -20,11 +20,18 @@ Client training (`client_training_bytes`; on the model's device; activations are
 - without DeepSpeed: weights b P, gradients b T, optimizer 2 b T for AdamW (torch keeps its moments in the
   parameter's dtype; Adafactor and SGD without momentum keep next to nothing: 0); a SCAFFOLD client also holds its
   start weights, c - c_k and its new c_k in float32, 12 T;
+- and at the peak, the larger of two transients (`step_transient_bytes`), with L the values of the largest trainable
+  tensor and E those of a trainable weight the model uses twice (input and output embeddings tied), 0 if none:
+  torch's AdamW step (`adamw_torch`) holds sqrt(v) of every trainable value at once with its multi-tensor kernels,
+  its default on CUDA (b T), or of one tensor at a time, and its quotient, in its per-tensor loop, its default on
+  the CPU (2 b L; the fused AdamW, Trainer's default `adamw_torch_fused`, none); autograd sums a tied weight's two
+  gradients out of place, beside both (2 b E);
 - under DeepSpeed with a 16-bit model (the ZeRO paper's mixed-precision Adam: 16-bit weights and gradients, a float32
   master, momentum and variance, 12 T): stage 1 2P + 2T + 12T/N, stage 2 2P + 14T/N, stage 3 (2P + 14T)/N.
 
-Not modelled: activations, the optimizer's transient buffers (torch's foreach AdamW step), and the per-client state
-of FedSA-LoRA (each client's B) and of error feedback (each client's residual), kept on the CPU.
+Not modelled: activations, the transients of other optimizers and of DeepSpeed, and the per-client state of
+FedSA-LoRA (each client's B) and of error feedback (each client's residual), kept on the CPU. Checked against the
+tensors the CPU allocator holds in bench/memory.py (`--server-state`), where activations are small.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ OPTIMIZER_BUFFERS = {"none": 0, "fedavgm": 1, "nesterov": 1, "fedadam": 2, "fedy
 FLOAT32 = 4
 ZERO_OPTIMIZER_BYTES = 12  # float32 master weight, momentum and variance per trainable value (ZeRO, 1910.02054)
 MOMENTLESS_OPTIMIZERS = ("sgd", "adafactor")
+FOREACH_DEVICES = ("cuda", "xpu", "mtia")  # torch.utils._foreach_utils: where its optimizers default to foreach
 
 
 def server_state_bytes(
@@ -72,19 +80,46 @@ def client_training_bytes(
     trainable: int,
     dtype_bytes: int,
     *,
-    optim: str = "adamw_torch",
+    optim: str = "adamw_torch_fused",  # Trainer's default (torch >= 2.8)
     zero_stage: int = 0,
     ranks: int = 1,
     strategy: str = "fedavg",
+    largest: int = 0,
+    tied: int = 0,
+    device_type: str = "cuda",
 ) -> int:
-    """Bytes of one client's training on the model's device, without activations (see the module docstring)."""
+    """Bytes of one client's training on the model's device at its peak, without activations (see the module
+    docstring): `largest` and `tied` are the values of the largest trainable tensor and of a trainable tied weight,
+    `device_type` where it trains (torch's AdamW picks its kernels by it)."""
     if zero_stage == 0:
         moments = 0 if any(optim.startswith(name) for name in MOMENTLESS_OPTIMIZERS) else 2
         controls = 3 * FLOAT32 * trainable if strategy == "scaffold" else 0
-        return params * dtype_bytes + trainable * dtype_bytes * (1 + moments) + controls
+        transient = step_transient_bytes(trainable, dtype_bytes, optim, largest, tied, device_type)
+        return params * dtype_bytes + trainable * dtype_bytes * (1 + moments) + controls + transient
     weights, gradients, optimizer = 2 * params, 2 * trainable, ZERO_OPTIMIZER_BYTES * trainable
     if zero_stage == 1:
         return weights + gradients + optimizer // ranks
     if zero_stage == 2:
         return weights + (gradients + optimizer) // ranks
     return (weights + gradients + optimizer) // ranks
+
+
+def step_transient_bytes(
+    trainable: int, dtype_bytes: int, optim: str, largest: int, tied: int, device_type: str = "cuda"
+) -> int:
+    """Bytes a client's training holds for a moment on top of its weights, gradients and optimizer state: the larger
+    of torch's AdamW step's temporaries and the sum of a tied weight's two gradients (see the module docstring)."""
+    step = 0
+    if optim == "adamw_torch":
+        step = trainable if device_type in FOREACH_DEVICES else 2 * largest
+    return dtype_bytes * max(step, 2 * tied)
+
+
+def tensor_values(model) -> tuple[int, int]:
+    """The values of `model`'s largest trainable tensor, and of its input embeddings when they are trainable and tied
+    to its output embeddings (else 0): `client_training_bytes`'s `largest` and `tied`."""
+    largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+    embeddings = [getattr(model, f"get_{kind}_embeddings", lambda: None)() for kind in ("input", "output")]
+    weights = [getattr(module, "weight", None) for module in embeddings]
+    tied = weights[0] is not None and weights[0] is weights[1] and weights[0].requires_grad
+    return largest, weights[0].numel() if tied else 0

@@ -3,16 +3,24 @@ the placement rule, the refusal of a GPU placement on a CPU run, and the memory 
 tensors the strategies really hold after a round. (This machine has no GPU: the copies between a CPU state and a
 GPU model run in bench/gpu_check.sh's `fedavg_bf16_state_cpu` and `zero3_1proc`.)"""
 
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
+from datasets import Dataset
 from peft import LoraConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fed_trainer import FederatedCallback, FederatedTrainer
-from fed_trainer.memory_model import client_training_bytes, server_state_bytes
+from fed_trainer.memory_model import client_training_bytes, server_state_bytes, tensor_values
 from fed_trainer.server_state import OnDevice, state_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from memory import allocated_tensor_bytes  # noqa: E402
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)  # (a device object needs no GPU)
 
@@ -106,6 +114,55 @@ def test_client_training_bytes_follow_adamw_and_the_zero_stages():
     assert client_training_bytes(params, trainable, 2, zero_stage=1, ranks=4) == 2000 + 200 + 1200 // 4
     assert client_training_bytes(params, trainable, 2, zero_stage=2, ranks=4) == 2000 + 1400 // 4
     assert client_training_bytes(params, trainable, 2, zero_stage=3, ranks=4) == (2000 + 1400) // 4
+
+
+def test_adamws_step_holds_every_value_at_once_on_cuda_and_two_of_the_largest_tensor_on_the_cpu():
+    """torch's multi-tensor AdamW (its default on CUDA) takes sqrt(v) of every value at once; its per-tensor loop (the
+    CPU's) a tensor's sqrt and quotient; the fused kernel and SGD none; a tied weight's two gradients are summed out
+    of place (2E) whatever the optimizer, and the larger of the two counts."""
+    base = client_training_bytes(1000, 100, 2, optim="adamw_torch_fused", largest=40, device_type="cpu")
+    assert base == 2 * 1000 + 2 * 100 * 3
+    unfused = dict(optim="adamw_torch", largest=40)
+    assert client_training_bytes(1000, 100, 2, **unfused, device_type="cuda") == base + 2 * 100
+    assert client_training_bytes(1000, 100, 2, **unfused, device_type="cpu") == base + 2 * 2 * 40
+    assert client_training_bytes(1000, 100, 2, **unfused, tied=30, device_type="cpu") == base + 2 * 2 * 40
+    assert client_training_bytes(1000, 100, 2, **unfused, tied=60, device_type="cpu") == base + 2 * 2 * 60
+    assert client_training_bytes(1000, 100, 2, optim="sgd", largest=40, tied=30) == 2 * 1000 + 2 * 100 + 2 * 2 * 30
+
+
+def tiny_llama(tied: bool) -> LlamaForCausalLM:
+    """A one-layer Llama whose embeddings (8192 x 128) are most of its 1.2M parameters, so that a batch's activations
+    (4 tokens) are small beside the weights' transients."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_the_memory_model_counts_a_rounds_tensors_at_their_peak_on_the_cpu(make_config, tied, optim):
+    """The bytes of the CPU tensors a run allocates (torch's profiler: the allocator's count), at their peak and after
+    the run, against the memory model: a float32 FedAvg round of two clients, the second training beside the state
+    and the first's payload summed; the peak is the step's or the tied gradients' transient (see the test above)."""
+    model = tiny_llama(tied)
+    ids = torch.randint(0, 8192, (8, 4), generator=torch.Generator().manual_seed(0)).tolist()
+    clients = [Dataset.from_dict({"input_ids": ids[i::2], "labels": ids[i::2]}) for i in range(2)]
+    args = make_config(num_clients=2, num_rounds=1, local_steps=2, per_device_train_batch_size=1, optim=optim,
+                       server_state_device="cpu")  # fmt: skip
+    with allocated_tensor_bytes() as allocated:
+        trainer = FederatedTrainer(model=model, client_datasets=clients, args=args)
+        trainer.train()
+    params = sum(p.numel() for p in model.parameters())
+    largest, tied_values = tensor_values(model)
+    assert tied_values == (8192 * 128 if tied else 0)
+    state = server_state_bytes(params, 4)
+    training = client_training_bytes(params, params, 4, optim=optim, largest=largest, tied=tied_values,
+                                     device_type="cpu") - 4 * params  # the weights were there before  # fmt: skip
+    assert abs(allocated["final"] - state) < 2**16  # the state, and a few small tensors (RNG states, step counts)
+    untransient = client_training_bytes(params, params, 4, optim=optim, device_type="cpu") - 4 * params
+    assert training - untransient == 4 * 2 * 8192 * 128 * (tied or optim == "adamw_torch")
+    assert 0 <= allocated["peak"] - (state + training) < 2**18  # 4 tokens' activations: not modelled
 
 
 class OptimizerRefs(FederatedCallback):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fed_trainer.distributed import all_gather_tensors
-from fed_trainer.memory_model import client_training_bytes, server_state_bytes
+from fed_trainer.memory_model import client_training_bytes, server_state_bytes, tensor_values
 from fed_trainer.privacy import dp_noise_generator, private_average
 from fed_trainer.robust import clipped, robust_aggregate
 from fed_trainer.server_state import OnDevice, placed, state_device
@@ -95,7 +95,9 @@ class FedAvg(Strategy):
             gradient_values=gradient_values,
         )
         optim = str(getattr(args.optim, "value", args.optim))
-        training = client_training_bytes(params, trainable, dtype_bytes, optim=optim, strategy=self.name)
+        largest, tied = tensor_values(model)
+        training = client_training_bytes(params, trainable, dtype_bytes, optim=optim, strategy=self.name,
+                                         largest=largest, tied=tied, device_type=args.device.type)  # fmt: skip
         return state_device(args.server_state_device, args.device, state, training)
 
     @property
