@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,12 +53,18 @@ BEST_FIELDS = ("best_metric", "best_global_step", "best_model_checkpoint")  # Tr
 
 @dataclasses.dataclass
 class RunProgress:
-    """How far a run has come: the rounds done, the bytes exchanged so far, and every round's mean client loss."""
+    """How far a run has come: the rounds done, the bytes exchanged so far, and every round's mean client loss; and
+    what a client's own machine needs to know of its state (a Flower SuperNode's `KeptStates`): the id of the
+    federation (the run, and the runs that resumed it), the last round each client's update was aggregated in, and
+    those rounds as of the newest checkpoint."""
 
     round: int = 0
     total_bytes_up: int = 0
     total_bytes_down: int = 0
     round_losses: list[float] = dataclasses.field(default_factory=list)
+    federation: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    client_rounds: dict = dataclasses.field(default_factory=dict)
+    saved_client_rounds: dict = dataclasses.field(default_factory=dict)
 
     def add(self, logs: dict) -> None:
         """Count the finished round whose entry is `logs`, and add the run's totals so far to the entry. (Round 0's
@@ -220,6 +227,7 @@ def save_round(trainer: FederatedTrainer) -> Path:
         state.best_model_checkpoint = str(directory)
     model_state = trainer.global_state_dict()
     strategy, strategy_state = trainer.strategy, trainer.strategy.state_dict()
+    progress.saved_client_rounds = dict(progress.client_rounds)  # what a resume from it will ask the clients for
     state.stateful_callbacks = callback_states(trainer)
     if args.should_save:
 

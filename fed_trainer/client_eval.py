@@ -104,15 +104,21 @@ def own_model(trainer: FederatedTrainer, cid):
 
 
 def remote_scores(
-    trainer: FederatedTrainer, round_number: int, client_id, dataset: Dataset, tensors: TensorDict, kept: TensorDict
+    trainer: FederatedTrainer,
+    round_number: int,
+    client_id,
+    dataset: Dataset,
+    tensors: TensorDict,
+    kept: TensorDict | None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """On a client's own machine (a Flower SuperNode, its trainer built afresh), after round `round_number`: (its
     own model's metrics on its held-out `dataset`, the same after `personalization_steps` or {}), the live model
     loaded with the server's `Strategy.global_tensors` and the client's personal state taken from what the machine
-    `kept`. The strategy is put in the round's state first (RoLoRA: which factor trains), as the server's is."""
+    `kept` (None: lost, `Strategy.machine_kept`). The strategy is put in the round's state first (RoLoRA: which
+    factor trains), as the server's is."""
     trainer.strategy.begin_round(round_number)
     load_tensors(trainer.model, tensors)
-    trainer.strategy.personal_from(kept)
+    trainer.strategy.personal_from(trainer.strategy.machine_kept(kept, training=False))
     scores, personalized = local_scores(trainer, {client_id: dataset})
     return scores[client_id], personalized.get(client_id, {})
 

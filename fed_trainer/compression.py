@@ -174,6 +174,15 @@ class UpdateCompressor:
         """On a SuperNode: take the client's residual from what the node kept."""
         self.kept = {key[len(RESIDUAL) :]: t for key, t in kept.items() if key.startswith(RESIDUAL)}
 
+    def kept_lost(self) -> None:
+        """On a SuperNode that lost the residual it kept: raise with error feedback (only the node held it)."""
+        if self.error_feedback:
+            raise RuntimeError(
+                "this client's machine no longer holds the error-feedback residual it kept after its last aggregated "
+                "round (only that machine held it): restore the node's state-dir, resume from the newest checkpoint "
+                "(a node keeps the state of that one and of its last rounds only), or start the run again."
+            )
+
     def synchronize(self) -> None:
         """Every rank of a client-parallel round gets every client's new residual (its next round may be on
         another rank)."""

@@ -186,6 +186,7 @@ class Round:
         self.strategy.finish_round(model)
         if compressor is not None:
             compressor.finish_round()
+        self.trainer.round_progress.client_rounds.update(dict.fromkeys(kept, self.number))
         reload_partitions(self.trainer.client_runner.engine)
         self.trainer.state.global_step = self.number * self.steps_per_round
         logs = {
@@ -312,14 +313,21 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
 
 
 def remote_update(
-    trainer: FederatedTrainer, round_number: int, client_id, message: TensorDict, plan: ClientPlan, kept: TensorDict
+    trainer: FederatedTrainer,
+    round_number: int,
+    client_id,
+    message: TensorDict,
+    plan: ClientPlan,
+    kept: TensorDict | None,
 ):
     """`local_update` on a machine of its own (a Flower SuperNode), which builds the initial model afresh for every
-    round: the strategy first brings the model to the round's global state from what the machine `kept` after its
-    last round (`Strategy.catch_up`). The client trains on its dataset as the trainer holds it (prepared, for TRL's
-    trainers). Returns (payload, `TrainOutput`, what to keep for the next round)."""
+    round: the strategy first brings the model to the round's global state from what the machine `kept` after the
+    client's last aggregated round (`Strategy.catch_up`; None: the machine no longer has it, `kept_lost`). The
+    client trains on its dataset as the trainer holds it (prepared, for TRL's trainers). Returns (payload,
+    `TrainOutput`, what to keep for the next round)."""
     strategy = trainer.strategy
     strategy.begin_round(round_number)  # fresh LoRA factors are seeded by round
+    kept = strategy.machine_kept(kept)
     compressor = strategy.compressor
     if compressor is not None:
         compressor.catch_up(kept)

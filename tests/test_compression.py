@@ -121,6 +121,14 @@ def test_a_node_keeps_its_residual_and_a_resumed_run_ends_where_the_uninterrupte
     node.strategy.compressor.catch_up(kept)
     for key, value in residuals.items():
         assert torch.equal(node.strategy.compressor.kept[key[len("residual|") :]], value)
+    # a node that lost its residual says so; without error feedback nothing was kept, and nothing is missed
+    with pytest.raises(RuntimeError, match="no longer holds the error-feedback residual"):
+        remote_update(node, 2, 0, message, ClientPlan(seed=2, offset=3, schedule_steps=6), kept=None)
+    plain_args = make_config(output_dir=str(tmp_path / "plain"), update_compression="nf4")
+    plain = FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, args=plain_args)
+    plain.strategy.begin_round(1)
+    message = record_tensors(tensor_record(plain.strategy.server_message(0)))
+    assert remote_update(plain, 2, 0, message, ClientPlan(seed=2, offset=3, schedule_steps=6), kept=None)[2] == {}
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

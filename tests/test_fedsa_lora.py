@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import tiny_bert, toy_dataset
 from peft import LoraConfig
+from supernodes import SuperNodesInProcess
 from transformers import Trainer, TrainingArguments
 
 from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.flower.remote import record_tensors, tensor_record
-from fed_trainer.round import ClientPlan, remote_update
+from fed_trainer.round import ClientPlan, remote_update, sampled_clients
 from fed_trainer.strategies.lora import factor_names
 
 CLIENTS = [toy_dataset(n, seed) for seed, n in enumerate([8, 16, 24], start=1)]
@@ -128,9 +129,57 @@ def test_a_node_keeps_its_clients_b_and_trains_from_it_next_round(make_config):
     fresh = FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, peft_config=LORA,
                              args=make_config(strategy="fedsa_lora", learning_rate=2e-2,
                                               output_dir=str(trainer.args.output_dir) + "-fresh"))  # fmt: skip
+    # a node that lost the B it kept cannot train from it, and says so (the server has no B to send)
+    with pytest.raises(RuntimeError, match="no longer holds the B it kept"):
+        remote_update(fresh, 2, 0, message, plan, kept=None)
     fresh.strategy.begin_round(2)
     fresh.strategy.catch_up(fresh.model, message, kept)
     fresh.strategy.load_client(fresh.model, message, 0)
     params = dict(fresh.model.named_parameters())
     for name, value in kept.items():
         assert torch.equal(params[name], value), name
+
+
+class ServerDies(SuperNodesInProcess):
+    """Nodes that train round `dies_in` and keep their new B, whose server then dies before aggregating it."""
+
+    def __init__(self, *args, dies_in: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dies_in = dies_in
+
+    def train(self, round) -> None:
+        super().train(round)
+        if round.number == self.dies_in:
+            raise RuntimeError("the server died")
+
+
+def test_a_resumed_federation_starts_each_node_from_the_b_it_kept_at_the_checkpoint(make_config, tmp_path):
+    """On SuperNodes each client's B lives on its node only. A run dies in round 3 after its nodes trained (and kept
+    their round-3 B); resumed from round 2's checkpoint as a new Flower run, every node starts from the B of its
+    client's last round before the checkpoint, and the run ends where the uninterrupted simulation ends."""
+
+    def build(context=None, clients=CLIENTS, **config):
+        args = make_config(strategy="fedsa_lora", num_rounds=3, clients_per_round=2, learning_rate=2e-2, **config)
+        return FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=clients, peft_config=LORA, args=args)
+
+    simulated = build(output_dir=str(tmp_path / "simulated"))
+    simulated.train()
+    nodes, clients = tmp_path / "nodes", dict(enumerate(CLIENTS))
+    dying = build(save_every_rounds=1)
+    dying.client_executor = ServerDies(build, clients, nodes, run_id=1, dies_in=3)
+    with pytest.raises(RuntimeError, match="the server died"):
+        dying.train()
+    resumed = build(save_every_rounds=1)
+    resumed.client_executor = SuperNodesInProcess(build, clients, nodes, run_id=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "round-2"))
+    expected = simulated.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    # each node keeps the B its last message started from and the one it wrote then (the newest checkpoint's is one
+    # of them): its client's last two rounds
+    progress = resumed.round_progress
+    for client_id in clients:
+        rounds = [r for r in (1, 2, 3) if client_id in sampled_clients(resumed.args, list(clients), r)]
+        assert progress.client_rounds[client_id] == rounds[-1]
+        folder = nodes / f"node-{client_id}" / f"federation-{progress.federation}"
+        assert sorted(path.name for path in folder.iterdir()) == [f"round-{r}.safetensors" for r in rounds[-2:]]

@@ -22,6 +22,7 @@ from fed_trainer import FederatedTrainer
 from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.remote import (
     EvalOrder,
+    KeptRounds,
     introduced,
     record_holds,
     record_tensors,
@@ -187,7 +188,8 @@ def test_warm_supernodes_end_with_the_simulations_model_loading_their_data_once_
 
     # a failing message comes back as the ClientApp's error, and the worker stays for the next one
     global_model = tensor_record(served.strategy.global_tensors(served.model))
-    wrong = RecordDict({"arrays": global_model, "config": EvalOrder(2, 1, sizes).record()})  # node 0 holds client 0
+    order = EvalOrder(2, 1, sizes, KeptRounds.of(served.round_progress, 1))
+    wrong = RecordDict({"arrays": global_model, "config": order.record()})  # node 0 holds client 0
     with pytest.raises(RuntimeError, match="give every SuperNode its own partition-id"):
         app(flower_message(MessageType.EVALUATE, wrong, contexts[0]), contexts[0])
     assert worker_pid(contexts[0]) == workers[0] and psutil.pid_exists(workers[0])
@@ -212,7 +214,7 @@ def test_a_worker_that_dies_mid_message_fails_that_message_and_the_next_message_
     app = warm_client_app("warm_node:build_trainer", "warm_node:load_client_data")
     client_id, size = introduced(app(flower_message(MessageType.QUERY, RecordDict(), dying), dying).content)
     workers.append(worker_pid(dying))
-    order = EvalOrder(1, client_id, {client_id: size, 1: size})
+    order = EvalOrder(1, client_id, {client_id: size, 1: size}, KeptRounds("a-federation", 0, 0))
     content = RecordDict({"arrays": tensor_record({}), "config": order.record()})
     with pytest.raises(RuntimeError, match="worker process ended while answering this evaluate message; its log"):
         app(flower_message(MessageType.EVALUATE, content, dying), dying)  # it builds the trainer, and dies

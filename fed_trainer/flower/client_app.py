@@ -17,6 +17,7 @@ from fed_trainer.client_eval import remote_scores
 from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.remote import (
     EvalOrder,
+    KeptRounds,
     TrainerBuilder,
     TrainOrder,
     eval_result,
@@ -33,27 +34,47 @@ from fed_trainer.trainer import FederatedTrainer
 DataLoader = Callable[[Context], tuple[object, Dataset]]
 
 
-def kept_path(context: Context) -> Path:
-    """The file in which this SuperNode keeps what the strategy keeps between the rounds of a run
-    (`Strategy.catch_up`, `Strategy.client_state`): in the node's folder (`warm.node_dir`), by run.
+class KeptStates:
+    """What the strategy keeps on this SuperNode between its client's rounds (`Strategy.catch_up`,
+    `Strategy.client_state`: FLoRA's folded base, SCAFFOLD's control, FedSA-LoRA's B, an error-feedback residual),
+    one file per round it was written in, in the node's folder (`warm.node_dir`) by federation: a resumed run (a new
+    Flower run) finds the state its checkpoint's round left, not a later one the interrupted run wrote.
+
+    `rounds` (`KeptRounds`, from the server) says which file a message starts from. A node keeps that one, the
+    newest checkpoint's (for a resume) and the one it writes; the others go.
 
     Not Flower's `context.state`: flwr 1.42 sends it back from the ClientApp process in an exit handler that is
     killed after 5 s, and a state the size of a model (SCAFFOLD's control) took longer on a busy machine and was lost
     without an error.
     """
-    return node_dir(context) / f"run-{context.run_id}.safetensors"
 
+    def __init__(self, context: Context, rounds: KeptRounds) -> None:
+        self.folder = node_dir(context) / f"federation-{rounds.federation}"
+        self.rounds = rounds
 
-def read_kept(path: Path) -> dict:
-    return load_file(path) if path.exists() else {}
+    def path(self, round_number: int) -> Path:
+        return self.folder / f"round-{round_number}.safetensors"
 
+    def read(self) -> dict | None:
+        """The state kept after the client's last aggregated round: {} before it has one, None if this node has
+        not got it (its files lost, or let go of before a resume from an older checkpoint)."""
+        if self.rounds.round == 0:
+            return {}
+        path = self.path(self.rounds.round)
+        return load_file(path) if path.exists() else None
 
-def write_kept(path: Path, kept: dict) -> None:
-    """Write `kept` to `path` whole or not at all (a node killed while writing keeps its last round's state)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({name: t.detach().to("cpu").contiguous() for name, t in kept.items()}, partial)
-    os.replace(partial, path)
+    def write(self, round_number: int, kept: dict) -> None:
+        """Keep `kept` as written in `round_number`, whole or not at all (a node killed while writing keeps the
+        others); then let go of the files no later message or resume can start from."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(round_number)
+        partial = path.with_suffix(".partial")
+        save_file({name: t.detach().to("cpu").contiguous() for name, t in kept.items()}, partial)
+        os.replace(partial, path)
+        wanted = {path, self.path(self.rounds.round), self.path(self.rounds.saved_round)}
+        for other in self.folder.glob("round-*.safetensors"):
+            if other not in wanted:
+                other.unlink(missing_ok=True)
 
 
 def train_reply(
@@ -69,7 +90,7 @@ def train_reply(
     the strategy load the server's tensors into the model, trains with the seed and schedule position the server
     chose, and sends the strategy's payload: what a client trained in the simulation would send. What the strategy
     keeps between rounds (FLoRA: the folded base weights; SCAFFOLD: the client's control) stays in a file of the
-    node (`kept_path`). `process_start`: when the ClientApp process that received the message started (default: this
+    node (`KeptStates`). `process_start`: when the ClientApp process that received the message started (default: this
     process's start), for the reply's "start" phase.
     """
     start = time.time()
@@ -78,10 +99,10 @@ def train_reply(
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     built = time.time()
     message = record_tensors(content["arrays"])
-    path = kept_path(context)
-    payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, read_kept(path))
-    if kept:  # for this node's next round of the run
-        write_kept(path, kept)
+    states = KeptStates(context, order.kept)
+    payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, states.read())
+    if kept:  # for this client's next round
+        states.write(order.round, kept)
     seconds = {
         # the ClientApp process's start, imports and connection (and, from a warm_client_app, the hand-over)
         "start": start - process_start,
@@ -120,7 +141,7 @@ def evaluate_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, 
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     held_out = trainer.client_eval_datasets[client_id]
     tensors = record_tensors(content["arrays"])
-    kept = read_kept(kept_path(context))
+    kept = KeptStates(context, order.kept).read()
     scores, personalized = remote_scores(trainer, order.round, client_id, held_out, tensors, kept)
     return eval_result(scores, personalized)
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from fed_trainer.round import ClientPlan
 from fed_trainer.trainer import FederatedTrainer
+
+if TYPE_CHECKING:
+    from fed_trainer.checkpoint import RunProgress
 
 # build_trainer(context, client_datasets) -> FederatedTrainer, as the simulation script builds it
 TrainerBuilder = Callable[[Context, Mapping], FederatedTrainer]
@@ -87,42 +91,73 @@ def roster_from(config: Mapping) -> dict:
     return dict(zip(config["client-ids"], config["client-sizes"], strict=True))
 
 
+KEPT_PREFIX = "kept-"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptRounds:
+    """Which of the states a SuperNode kept for its client (`client_app.KeptStates`) a message starts from: those of
+    the `federation` (a run and the runs that resumed it), written in `round` (the last round the client's update
+    was aggregated in; 0: none yet); and `saved_round`, that round as of the newest checkpoint, which a resumed run
+    would ask for."""
+
+    federation: str
+    round: int
+    saved_round: int
+
+    @classmethod
+    def of(cls, progress: RunProgress, client_id) -> KeptRounds:
+        rounds, saved = progress.client_rounds, progress.saved_client_rounds
+        return cls(progress.federation, rounds.get(client_id, 0), saved.get(client_id, 0))
+
+    def entries(self) -> dict:
+        return {KEPT_PREFIX + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def read(cls, config: Mapping) -> KeptRounds:
+        return cls(**{f.name: config[KEPT_PREFIX + f.name] for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainOrder:
     """What a train message tells a SuperNode beside the tensors: the round, the client to train, its `ClientPlan`,
-    and the run's roster (every client id and its number of examples). `record()` writes it as a `ConfigRecord`,
-    `read(config)` reads it back: the one place its entries are named."""
+    the run's roster (every client id and its number of examples) and the client's `KeptRounds`. `record()` writes
+    it as a `ConfigRecord`, `read(config)` reads it back: the one place its entries are named."""
 
     round: int
     client_id: object
     plan: ClientPlan
     sizes: dict
+    kept: KeptRounds
 
     def record(self) -> ConfigRecord:
         plan = {PLAN_PREFIX + name: value for name, value in dataclasses.asdict(self.plan).items()}
-        return ConfigRecord({"round": self.round, "client-id": self.client_id, **plan, **roster_entries(self.sizes)})
+        return ConfigRecord({"round": self.round, "client-id": self.client_id, **plan, **roster_entries(self.sizes),
+                             **self.kept.entries()})  # fmt: skip
 
     @classmethod
     def read(cls, config: Mapping) -> TrainOrder:
         plan = ClientPlan(**{f.name: config[PLAN_PREFIX + f.name] for f in dataclasses.fields(ClientPlan)})
-        return cls(config["round"], config["client-id"], plan, roster_from(config))
+        return cls(config["round"], config["client-id"], plan, roster_from(config), KeptRounds.read(config))
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalOrder:
-    """What an evaluate message tells a SuperNode beside the global tensors: the round, the client to evaluate and
-    the run's roster (`record()` / `read(config)`, as `TrainOrder`)."""
+    """What an evaluate message tells a SuperNode beside the global tensors: the round, the client to evaluate, the
+    run's roster and the client's `KeptRounds` (`record()` / `read(config)`, as `TrainOrder`)."""
 
     round: int
     client_id: object
     sizes: dict
+    kept: KeptRounds
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord({"round": self.round, "client-id": self.client_id, **roster_entries(self.sizes)})
+        return ConfigRecord({"round": self.round, "client-id": self.client_id, **roster_entries(self.sizes),
+                             **self.kept.entries()})  # fmt: skip
 
     @classmethod
     def read(cls, config: Mapping) -> EvalOrder:
-        return cls(config["round"], config["client-id"], roster_from(config))
+        return cls(config["round"], config["client-id"], roster_from(config), KeptRounds.read(config))
 
 
 def roster(trainer: FederatedTrainer) -> dict:

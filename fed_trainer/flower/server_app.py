@@ -18,6 +18,7 @@ from fed_trainer.cli import train_save_evaluate
 from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.remote import (
     EvalOrder,
+    KeptRounds,
     TrainerBuilder,
     TrainOrder,
     evaluated,
@@ -149,7 +150,8 @@ class GridClients:
         tensors = tensor_record(trainer.strategy.global_tensors(trainer.model))
         everyone, number = roster(trainer), trainer.strategy.round_number  # the round just finished
         messages = {
-            cid: Message(content=RecordDict({"arrays": tensors, "config": EvalOrder(number, cid, everyone).record()}),
+            cid: Message(content=RecordDict({"arrays": tensors, "config": EvalOrder(
+                             number, cid, everyone, KeptRounds.of(trainer.round_progress, cid)).record()}),
                          message_type=MessageType.EVALUATE, dst_node_id=self.nodes[cid])
             for cid in held_out
         }  # fmt: skip
@@ -178,7 +180,8 @@ def train_contents(round: Round, everyone: dict) -> dict[object, RecordDict]:
         if record is None:
             record = tensor_record(message)
             records.append(record)
-        order = TrainOrder(round.number, client_id, round.plan(position), everyone)
+        kept = KeptRounds.of(round.trainer.round_progress, client_id)
+        order = TrainOrder(round.number, client_id, round.plan(position), everyone, kept)
         contents[client_id] = RecordDict({"arrays": record, "config": order.record()})
     return contents
 

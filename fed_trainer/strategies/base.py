@@ -151,6 +151,23 @@ class Strategy(ABC):
         """
         return {}
 
+    def machine_kept(self, kept: TensorDict | None, training: bool = True) -> TensorDict:
+        """What a client's own machine kept after the client's last aggregated round, for `catch_up` (or, not
+        `training`, `personal_from`); where the machine no longer has it (None: its files gone), nothing, once
+        `kept_lost` (the strategy's, and for training its compressor's) has let it go on without it."""
+        if kept is not None:
+            return kept
+        self.kept_lost()
+        if training and self.compressor is not None:
+            self.compressor.kept_lost()
+        return {}
+
+    def kept_lost(self) -> None:
+        """On a client's own machine that lost what it kept after the client's last aggregated round: raise (the
+        client is dropped, with the reason) if only that machine held it; by default the server's messages bring a
+        client whatever it lacks, so nothing."""
+        return None
+
     def client_state(self, client_id) -> TensorDict:
         """On a client that runs on its own machine, after its payload was taken: what it keeps for its next round
         beyond what `catch_up` kept (merged over it); nothing by default. (The simulation keeps such state in the

@@ -65,6 +65,14 @@ class FedSALoRA(LoraStrategy):
         self.personal_from(kept)
         return {}
 
+    def kept_lost(self) -> None:
+        raise RuntimeError(
+            "this client's machine no longer holds the B it kept after its last aggregated round (FedSA-LoRA keeps "
+            "each client's B on its own machine only, and the server cannot send it): restore the node's state-dir, "
+            "resume from the newest checkpoint (a node keeps the state of that one and of its last rounds only), or "
+            "start the run again."
+        )
+
     def personal_from(self, kept: TensorDict) -> None:
         self.kept_b = {name: value for name, value in kept.items() if name in self.initial_b}
 

@@ -14,10 +14,11 @@ trainable weights, saved in round checkpoints); on Flower each SuperNode keeps i
 
 c stays the mean of the c_k the server counted only if every client corrects with that c_k. The server keeps its
 record of each c_k (the sum of the Delta c_k it received) and sends the round it is from (`CONTROL_ROUND`, 8 bytes)
-with every message. A node whose kept c_k is from another round (a SuperNode restarted, a reply lost after the node
-kept its new c_k) refuses to train and is dropped; the next message to a client whose last one brought no update,
-and the first to every client after a resume (a resumed Flower run is a new run: its SuperNodes start without
-state), carries the server's c_k (`own_control`), whose bytes are counted.
+with every message. A node whose kept c_k is not from that round (its files lost: a SuperNode reads the state it
+kept in the round the server names, `fed_trainer.flower.client_app.KeptStates`) refuses to train and is dropped;
+the next message to a client whose last one brought no update, and the first to every client after a resume (a
+node may have lost its files meanwhile, or been replaced), carries the server's c_k (`own_control`), whose bytes are
+counted.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Scaffold(FedAvg):
             if held != counted:
                 raise RuntimeError(
                     f"this client keeps its SCAFFOLD control from round {held} (0: none), but the server counts the "
-                    f"one from round {counted} (was its SuperNode restarted, or its last reply lost?); it is dropped "
+                    f"one from round {counted} (were its SuperNode's files lost?); it is dropped "
                     "this round and sent its control the next time."
                 )
             own = {parse(key).tensor: value for key, value in kept.items() if parse(key).part == "control"}
