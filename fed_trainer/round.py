@@ -70,10 +70,10 @@ class ClientExecutor(Protocol):
     """Where a round's clients train, and where they are evaluated.
 
     `train` trains the clients this process is responsible for and reports each to the round: `round.message(cid)`
-    is what to send it, `round.plan(position)` how it trains, then `round.receive(cid, payload, loss)` with its
-    reply, or `round.drop(cid, reason)` if it failed. `evaluate` returns, by client, the metrics of every client's
-    own model on its held-out set, and those after `personalization_steps` ({} without); a client that could not be
-    evaluated is left out of both (`fed_trainer.client_eval`)."""
+    is what to send it, `round.plan(position)` how it trains, then `round.receive(cid, payload, loss,
+    learning_rate)` with its reply, or `round.drop(cid, reason)` if it failed. `evaluate` returns, by client, the
+    metrics of every client's own model on its held-out set, and those after `personalization_steps` ({} without); a
+    client that could not be evaluated is left out of both (`fed_trainer.client_eval`)."""
 
     def train(self, round: Round) -> None: ...
 
@@ -90,6 +90,7 @@ class Round:
         self.client_ids = sampled_clients(self.args, list(sizes), number)
         self.weights = client_weights(self.args, sizes, self.client_ids)
         self.losses: dict = {}
+        self.learning_rate = trainer.client_runner.last_learning_rate  # the last client's at its last step
         self.failed: list = []  # clients whose training raised or whose machine did not answer
         self.accepted: list = []  # clients whose update went into the aggregate
         self.rejected: list = []  # clients whose update held NaN or Inf
@@ -127,9 +128,10 @@ class Round:
                     return other
         return tensors
 
-    def receive(self, client_id, payload: TensorDict, loss: float) -> None:
-        """A client's reply (its bytes counted, as it travelled): aggregated, or rejected if it holds NaN or Inf."""
-        self.losses[client_id] = loss
+    def receive(self, client_id, payload: TensorDict, loss: float, learning_rate: float) -> None:
+        """A client's reply (its bytes counted, as it travelled): aggregated, or rejected if it holds NaN or Inf; its
+        train loss and its learning rate at its last step (the round logs the last client's)."""
+        self.losses[client_id], self.learning_rate = loss, learning_rate
         self.bytes_up += self.strategy.traffic_bytes(payload)
         strategy = self.strategy
         if client_id in self.messages:
@@ -192,7 +194,7 @@ class Round:
         logs = {
             "round": self.number,
             "loss": float(np.mean([outcome["losses"][cid] for cid in kept])),
-            "learning_rate": self.trainer.client_runner.last_learning_rate,
+            "learning_rate": self.learning_rate,
             "num_clients": len(kept),
         }
         if outcome["failed"] or outcome["rejected"]:
@@ -355,7 +357,7 @@ class InProcessClients:
                     raise sharded_client_failure(round, client_id, err) from err
                 round.drop(client_id, f"{type(err).__name__}: {err}")
                 continue
-            round.receive(client_id, payload, output.training_loss)
+            round.receive(client_id, payload, output.training_loss, trainer.client_runner.last_learning_rate)
 
     def evaluate(self, trainer: FederatedTrainer, held_out: dict, ignore_keys=None) -> tuple[dict, dict]:
         """Every client evaluated in this process (each set spread over the processes of a client-parallel run)."""

@@ -35,7 +35,8 @@ class SuperNodesInProcess:
 
 def served_like_simulated(build, clients, state_dir) -> tuple[list, SuperNodesInProcess]:
     """Train `build()` in simulation and on `SuperNodesInProcess`, check that both end with the same model (1e-6)
-    and round entries (number, bytes each way); (the round entries, the served run's `SuperNodesInProcess`)."""
+    and round entries (number, bytes each way, learning rate); (the round entries, the served run's
+    `SuperNodesInProcess`)."""
     simulated, served = build(), build()
     simulated.train()
     nodes = SuperNodesInProcess(build, clients, state_dir)
@@ -44,7 +45,7 @@ def served_like_simulated(build, clients, state_dir) -> tuple[list, SuperNodesIn
     expected = simulated.model.state_dict()
     for name, value in served.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
-    logged = [[(e["round"], e["bytes_up"], e["bytes_down"]) for e in t.state.log_history if "round" in e]
-              for t in (served, simulated)]  # fmt: skip
+    logged = [[(e["round"], e["bytes_up"], e["bytes_down"], e["learning_rate"]) for e in t.state.log_history
+               if "round" in e] for t in (served, simulated)]  # fmt: skip
     assert logged[0] == logged[1]
     return logged[0], nodes

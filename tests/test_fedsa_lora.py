@@ -175,6 +175,9 @@ def test_a_resumed_federation_starts_each_node_from_the_b_it_kept_at_the_checkpo
     expected = simulated.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    logged = [[(e["round"], e["learning_rate"], e["bytes_up"]) for e in t.state.log_history if "round" in e]
+              for t in (resumed, simulated)]  # fmt: skip
+    assert logged[0] == logged[1] and len({rate for _, rate, _ in logged[0]}) == 3  # (the schedule decays)
     # each node keeps the B its last message started from and the one it wrote then (the newest checkpoint's is one
     # of them): its client's last two rounds
     progress = resumed.round_progress

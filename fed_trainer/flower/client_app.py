@@ -110,7 +110,8 @@ def train_reply(
         "update": time.time() - built,  # loading the message, training, the payload, the kept state
         "train": output.metrics["train_runtime"],  # Trainer's own time for the local steps
     }
-    return train_result(payload, output.training_loss, len(trainer.client_datasets[client_id]), seconds, process_start)
+    learning_rate, examples = trainer.client_runner.last_learning_rate, len(trainer.client_datasets[client_id])
+    return train_result(payload, output.training_loss, learning_rate, examples, seconds, process_start)
 
 
 def node_trainer(

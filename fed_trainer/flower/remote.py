@@ -188,14 +188,16 @@ def unprefixed(metrics: Mapping, prefix: str) -> dict[str, float]:
 def train_result(
     payload: Mapping[str, torch.Tensor],
     loss: float,
+    learning_rate: float,
     num_examples: int,
     seconds: Mapping[str, float],
     started_at: float,
 ) -> RecordDict:
-    """A SuperNode's reply to a train message: the strategy's payload and the client's train loss (`trained` reads
-    it), and where the node's time went (`node_seconds` reads it): its phases, one after the other from `started_at`
-    (the ClientApp process's start, seconds since the epoch)."""
-    metrics = {"train-loss": float(loss), "num-examples": int(num_examples), STARTED_AT: float(started_at)}
+    """A SuperNode's reply to a train message: the strategy's payload, the client's train loss and its learning rate
+    at its last step (`trained` reads them), and where the node's time went (`node_seconds` reads it): its phases,
+    one after the other from `started_at` (the ClientApp process's start, seconds since the epoch)."""
+    metrics = {"train-loss": float(loss), "learning-rate": float(learning_rate), "num-examples": int(num_examples),
+               STARTED_AT: float(started_at)}  # fmt: skip
     metrics.update({SECONDS + phase: float(value) for phase, value in seconds.items()})
     return RecordDict({"arrays": tensor_record(payload), "metrics": MetricRecord(metrics)})
 
@@ -211,9 +213,10 @@ def node_seconds(content: RecordDict, sent_at: float, received_at: float) -> dic
     return {**phases, "delivery": started_at - sent_at, "return": received_at - ended_at}
 
 
-def trained(content: RecordDict) -> tuple[dict, float]:
-    """The payload and train loss in a reply written by `train_result`."""
-    return record_tensors(content["arrays"]), float(content["metrics"]["train-loss"])
+def trained(content: RecordDict) -> tuple[dict, float, float]:
+    """The payload, train loss and last learning rate in a reply written by `train_result`."""
+    metrics = content["metrics"]
+    return record_tensors(content["arrays"]), float(metrics["train-loss"]), float(metrics["learning-rate"])
 
 
 OWN, PERSONALIZED = "own-", "personalized-"
