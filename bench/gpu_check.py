@@ -11,6 +11,11 @@ Checks, each on the bundled SmolLM2-135M (causal LM on chatterbot-corpus blocks 
   the CPU (on a GPU its peak memory is the model's and one client's training, not the server state's).
 - `galore_fedavg`: FedAvg with GaLore clients (`galore_adamw`, rank 64, attention and MLP projections).
 - `qlora_4bit`: LoRA on a 4-bit nf4 base (bitsandbytes), bf16 compute.
+- `memory_model`, `memory_model_state_cpu`: the memory model (`fed_trainer.memory_model`) against the tensors a
+  FedAvg round of 2 clients holds at its peak above the loaded model (`torch.cuda.max_memory_allocated`, less what
+  was allocated before; on the CPU the allocator's count, `memory.allocated_tensor_bytes`), with the server state on
+  the model's device and on the CPU, at batch 2 x 32 tokens (activations, which the model leaves out, are small) and
+  torch's unfused AdamW (`adamw_torch`: its step's transient is its kernels' own, bT on CUDA).
 - `zero3_1proc`: `examples/fed_glue.py` (MiniLM) under DeepSpeed ZeRO-3 in one process (`accelerate launch`), with
   `server_state_device="cpu"`.
 - `client_parallel_2proc`: the same script's clients shared over 2 processes (`torchrun`; NCCL on GPUs); run when
@@ -34,15 +39,17 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from common import current_rss_mib, report
-from memory import chatterbot_blocks, peak_rss_mib, reset_peak_rss
+from memory import allocated_tensor_bytes, chatterbot_blocks, peak_rss_mib, reset_peak_rss
 
 from fed_trainer import FederatedConfig, FederatedTrainer
 
 REPO = Path(__file__).resolve().parent.parent
+MODEL_CHECKS = ("memory_model", "memory_model_state_cpu")  # measured against the memory model, not the baseline
 TINY_GLUE = ["--max_train_samples", "64", "--max_eval_samples", "32", "--num_rounds", "1", "--local_steps", "2",
              "--max_seq_length", "32", "--disable_tqdm", "true", "--save_strategy", "no"]  # fmt: skip
 
@@ -121,6 +128,48 @@ def federated(a, data, device: str, strategy: str, lora: bool = False, quantized
     return dict(loss=loss, seconds=meter.seconds, peak_mib=meter.peak_mib)
 
 
+def memory_model_check(a, data, device: str, state_device: str) -> dict:
+    """A FedAvg round of 2 clients x 2 steps at batch 2 x 32 tokens: the peak of the tensors it allocates above the
+    loaded model, against `fed_trainer.memory_model` (the round's second client trains beside the state)."""
+    from fed_trainer.memory_model import client_training_bytes, server_state_bytes, tensor_values
+
+    model = smollm2(a, device)
+    blocks = data.map(lambda row: {k: row[k][:32] for k in ("input_ids", "labels")}).select(range(4))
+    clients = [blocks.select(range(2)), blocks.select(range(2, 4))]
+    with tempfile.TemporaryDirectory() as out:
+        args = FederatedConfig(num_clients=2, num_rounds=1, local_steps=2, strategy="fedavg", optim="adamw_torch",
+                               server_state_device=state_device,
+                               **{**common_args(a, out), "per_device_train_batch_size": 2})  # fmt: skip
+        with allocated_above(device) as allocated:  # the server state is made as the trainer is built
+            trainer = FederatedTrainer(model=model, args=args, client_datasets=clients)
+            trainer.train()
+    params = sum(p.numel() for p in model.parameters())
+    largest, tied = tensor_values(model)
+    training = client_training_bytes(params, params, 2, optim="adamw_torch", largest=largest, tied=tied,
+                                     device_type=device) - 2 * params  # (the weights were loaded)  # fmt: skip
+    state = server_state_bytes(params, 2) if trainer.strategy.state_device.type == device else 0
+    loss = next(e["loss"] for e in trainer.state.log_history if "round" in e)
+    peak, predicted = allocated["peak"] / 2**20, (state + training) / 2**20
+    return dict(loss=loss, peak_mib=peak, predicted_peak_mib=predicted, model_ratio=peak / predicted)
+
+
+@contextmanager
+def allocated_above(device: str):
+    """Yields a dict that holds, once the block ends, the peak bytes of the tensors allocated in the block above
+    those allocated before it (`peak`): CUDA's allocator's count, or on the CPU `memory.allocated_tensor_bytes`."""
+    if device != "cuda":
+        with allocated_tensor_bytes() as counts:
+            yield counts
+        return
+    counts: dict[str, int] = {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    yield counts
+    torch.cuda.synchronize()
+    counts["peak"] = torch.cuda.max_memory_allocated() - before
+
+
 def launched(a, launcher: list[str], name: str, *options: str) -> dict:
     """examples/fed_glue.py (MiniLM, with `options`) under `launcher`; its eval loss, and the whole command's wall
     time."""
@@ -183,6 +232,8 @@ def main() -> None:
                                            optim_target_modules=["self_attn", "mlp"],
                                            optim_args="rank=64,update_proj_gap=200,scale=0.25"),
         "qlora_4bit": lambda: federated(a, data, device, "fedit", lora=True, quantized=True),
+        "memory_model": lambda: memory_model_check(a, data, device, device),
+        "memory_model_state_cpu": lambda: memory_model_check(a, data, device, "cpu"),
         "zero3_1proc": lambda: zero3(a, device),
         "client_parallel_2proc": lambda: client_parallel(a, device),
     }  # fmt: skip
@@ -206,12 +257,13 @@ def main() -> None:
                 torch.cuda.empty_cache()
     baseline = next((r for r in rows if r["check"] == "plain_bf16" and r["status"] == "ok"), None)
     for row in rows:
-        if row["status"] == "ok" and row["check"] not in ("zero3_1proc", "client_parallel_2proc"):
+        if row["status"] == "ok" and row["check"] not in ("zero3_1proc", "client_parallel_2proc", *MODEL_CHECKS):
             row["tokens_per_s"] = tokens / row["seconds"]
             if baseline is not None:
                 row["throughput_ratio"] = baseline["seconds"] / row["seconds"]
                 row["peak_ratio"] = row["peak_mib"] / baseline["peak_mib"]
-    columns = ["check", "status", "loss", "seconds", "tokens_per_s", "throughput_ratio", "peak_mib", "peak_ratio"]
+    columns = ["check", "status", "loss", "seconds", "tokens_per_s", "throughput_ratio", "peak_mib", "peak_ratio",
+               "predicted_peak_mib", "model_ratio"]  # fmt: skip
     rows = [{c: row.get(c, "-") for c in columns} for row in rows]
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     summary = {
@@ -222,6 +274,9 @@ def main() -> None:
         "the whole launch)",
         "peak": "torch.cuda.max_memory_allocated, MiB" if device == "cuda" else "RSS high-water mark above the "
         "check's start, MiB",
+        "memory_model": "the tensors allocated above the loaded model at their peak (on the CPU the allocator's "
+        "count), against fed_trainer.memory_model's server state (when on the model's device) plus a client's "
+        "training without the weights",
         "failed": failed,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }  # fmt: skip

@@ -29,8 +29,10 @@ Client training (`client_training_bytes`; on the model's device; activations are
 - under DeepSpeed with a 16-bit model (the ZeRO paper's mixed-precision Adam: 16-bit weights and gradients, a float32
   master, momentum and variance, 12 T): stage 1 2P + 2T + 12T/N, stage 2 2P + 14T/N, stage 3 (2P + 14T)/N.
 
-Not modelled: activations, the transients of other optimizers and of DeepSpeed, and the per-client state of
-FedSA-LoRA (each client's B) and of error feedback (each client's residual), kept on the CPU. Checked against the
+Not modelled: activations, the transients of other optimizers and of DeepSpeed, the per-client state of
+FedSA-LoRA (each client's B) and of error feedback (each client's residual), kept on the CPU, and with compressed
+uplinks the round's message, held (once) until the replies are decoded: b T more for a 16-bit model (the cast of
+its float32 master; without compression a client lets go of it once loaded). Checked against the
 tensors the CPU allocator holds in bench/memory.py (`--server-state`), where activations are small.
 """
 

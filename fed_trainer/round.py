@@ -298,6 +298,11 @@ def local_update(trainer: FederatedTrainer, client_id, dataset: Dataset, message
         return gradients, output
     message = strategy.received_message(message)
     strategy.load_client(model, OnDevice(message, trainer.args.device), client_id)
+    if strategy.compressor is None:  # only a compressed payload is taken against it
+        # a 16-bit model's message is a cast copy of the float32 master (2 bytes a value): not kept through the
+        # training. Callers hand it over, holding it no more, so that this frame holds it alone (CPython moves a
+        # call's arguments into the called frame).
+        del message
     reload_partitions(runner.engine)
     event = dict(client_id=client_id, model=model, num_examples=len(dataset))
     fire(trainer, "on_client_begin", **event)
@@ -349,9 +354,9 @@ class InProcessClients:
         for position in share_of(range(len(round.client_ids)), process, processes):
             client_id = round.client_ids[position]
             dataset = trainer.client_datasets[client_id]
-            message, plan = round.message(client_id), round.plan(position)
-            try:
-                payload, output = local_update(trainer, client_id, dataset, message, plan)
+            message, plan = [round.message(client_id)], round.plan(position)
+            try:  # the message handed over (popped), so that local_update can let go of it once loaded
+                payload, output = local_update(trainer, client_id, dataset, message.pop(), plan)
             except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
                 if processes == 1 and args.world_size > 1:  # sharded: the other ranks are inside this client's steps
                     raise sharded_client_failure(round, client_id, err) from err

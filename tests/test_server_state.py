@@ -165,6 +165,37 @@ def test_the_memory_model_counts_a_rounds_tensors_at_their_peak_on_the_cpu(make_
     assert 0 <= allocated["peak"] - (state + training) < 2**18  # 4 tokens' activations: not modelled
 
 
+class ClientStart(FederatedCallback):
+    """Whether any tensor of the client's message was still alive as each client started training."""
+
+    def __init__(self, sent: list) -> None:
+        self.sent, self.alive = sent, []
+
+    def on_client_begin(self, args, state, control, **kwargs):
+        self.alive.append(any(ref() is not None for ref in self.sent[-1]))
+
+
+def test_a_16_bit_models_message_is_let_go_of_once_its_client_has_loaded_it(make_config):
+    """A bfloat16 model's message is a cast copy of the float32 master (2 bytes a value, a model's size): it must not
+    stay beside the client's weights, gradients and optimizer through its training."""
+    args = make_config(num_clients=2, num_rounds=1, server_state_device="cpu", optim="sgd")
+    trainer = FederatedTrainer(model=tiny_bert().to(torch.bfloat16), args=args,
+                               client_datasets=[toy_dataset(8, seed) for seed in range(2)])  # fmt: skip
+    strategy, sent = trainer.strategy, []
+    server_message = strategy.server_message
+
+    def recorded_message(client_id):
+        message = server_message(client_id)
+        sent.append([weakref.ref(t) for t in message.values() if t.dtype == torch.bfloat16])  # the casts
+        return message
+
+    strategy.server_message = recorded_message
+    starts = ClientStart(sent)
+    trainer.add_callback(starts)
+    trainer.train()
+    assert all(sent) and starts.alive == [False, False]
+
+
 class OptimizerRefs(FederatedCallback):
     """Weak references to every client's optimizer, and which were still alive when each round ended."""
 
