@@ -170,6 +170,7 @@ def strategy_of(method: str) -> str:
 
 
 GALORE_METHODS = ("galore_fedavg", "galore_lowrank", "galore_shared", "galore_shared_r4", "galore_shared_r4_moments")
+FAMILIES = ("full", "galore", "lora", "sgd")  # the learning-rate grids (`family`), as --lr-grid names them
 
 
 def family(method: str) -> str:
@@ -474,7 +475,7 @@ def parse_args() -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, help="default: the task's (bench/tasks.py)")
     p.add_argument(
         "--lr-grid", nargs="+", default=[], type=grid_override, metavar="FAMILY=RATE,RATE",
-        help="sweep these rates for a family (full, galore, lora, sgd) instead of the task's grid, e.g. "
+        help=f"sweep these rates for a family ({', '.join(FAMILIES)}) instead of the task's grid, e.g. "
         "lora=5e-3,2e-3,1e-3 for a long run; the first is the rate --quick uses",
     )  # fmt: skip
     p.add_argument(
@@ -499,8 +500,8 @@ def parse_args() -> argparse.Namespace:
 def grid_override(text: str) -> tuple[str, list[float]]:
     """`--lr-grid`'s FAMILY=RATE,RATE,... as (family, rates)."""
     family_name, _, rates = text.partition("=")
-    if family_name not in ("full", "galore", "lora", "sgd") or not rates:
-        raise argparse.ArgumentTypeError(f"expected FAMILY=RATE,RATE, FAMILY one of full, galore, lora, sgd: {text!r}")
+    if family_name not in FAMILIES or not rates:
+        raise argparse.ArgumentTypeError(f"expected FAMILY=RATE,RATE, FAMILY one of {', '.join(FAMILIES)}: {text!r}")
     return family_name, [float(rate) for rate in rates.split(",")]
 
 
