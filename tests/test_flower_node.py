@@ -194,14 +194,21 @@ def test_warm_supernodes_end_with_the_simulations_model_loading_their_data_once_
         app(flower_message(MessageType.EVALUATE, wrong, contexts[0]), contexts[0])
     assert worker_pid(contexts[0]) == workers[0] and psutil.pid_exists(workers[0])
 
-    # a later run's worker ends the earlier one's; an idle worker ends by itself
-    later = Context(8, 100, {"partition-id": 0, "state-dir": str(tmp_path), "worker-idle-timeout": 2.0},
+    # a run beside this one starts a worker of its own and leaves this run's, active a moment ago; an idle worker
+    # ends by itself
+    beside = Context(8, 100, {"partition-id": 0, "state-dir": str(tmp_path), "worker-idle-timeout": 2.0},
+                     RecordDict(), run_config)  # fmt: skip
+    app(flower_message(MessageType.QUERY, RecordDict(), beside), beside)
+    workers.append(worker_pid(beside))
+    assert workers[-1] != workers[0] and gone_within(workers[-1], 30)
+    assert psutil.pid_exists(workers[0])
+    # a later run's worker ends the workers idle for worker-yield-idle
+    later = Context(9, 100, {"partition-id": 0, "state-dir": str(tmp_path), "worker-yield-idle": 0.0},
                     RecordDict(), run_config)  # fmt: skip
     app(flower_message(MessageType.QUERY, RecordDict(), later), later)
     workers.append(worker_pid(later))
     assert gone_within(workers[0], 10)
     assert psutil.pid_exists(workers[1])  # the other node's
-    assert gone_within(workers[-1], 30)
 
 
 def test_a_worker_that_dies_mid_message_fails_that_message_and_the_next_message_starts_a_new_one(

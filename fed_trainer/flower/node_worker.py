@@ -125,8 +125,13 @@ class Worker:
                 continue
             with connection:
                 if request[0] == "stop":
-                    print("worker ends: a later run started", flush=True)
-                    return
+                    idle = time.monotonic() - self.idle_since
+                    if idle >= request[1]:
+                        print(f"worker ends: another run's worker started, and this one was idle {idle:.0f} s",
+                              flush=True)  # fmt: skip
+                        return
+                    print("worker stays: another run's worker started, but this one's run is active", flush=True)
+                    continue
                 self.busy = True
                 _, kind, content, context, began = request
                 try:

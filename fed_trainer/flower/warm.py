@@ -13,8 +13,10 @@ and the server's aggregation, at the cost of one model's memory while the node w
 
 The worker belongs to one run of one SuperNode: it listens on 127.0.0.1 with an authentication key in a file only
 its user can read (in `node_dir`), and ends when its SuperNode ends, when it has had no message for the node
-config's `worker-idle-timeout` seconds (1800 by default), or when a later run's worker starts on the node. It is in
-the SuperNode's process group, so a signal to the group (killing or stopping the node) reaches it too.
+config's `worker-idle-timeout` seconds (1800 by default), or when a later run's worker starts on the node while it
+has had no message for `worker-yield-idle` seconds (300 by default: runs that share the node at once keep a worker
+each). It is in the SuperNode's process group, so a signal to the group (killing or stopping the node) reaches it
+too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from flwr.clientapp import ClientApp
 Replier = Callable[[str, RecordDict, Context], RecordDict]
 
 IDLE_TIMEOUT = 1800.0  # seconds a worker waits for its next message (node config: worker-idle-timeout)
+YIELD_IDLE = 300.0  # seconds idle after which a later run's worker ends it (node config: worker-yield-idle)
 START_TIMEOUT = 600.0  # seconds a worker may take to import the app and listen
 
 
@@ -118,7 +121,7 @@ def worker_connection(context: Context, build_trainer: str, load_client_data: st
         fcntl.flock(lock, fcntl.LOCK_EX)
         connection = connected(info)
         if connection is None:
-            stop_other_runs(info)
+            stop_other_runs(info, float(context.node_config.get("worker-yield-idle", YIELD_IDLE)))
             idle = float(context.node_config.get("worker-idle-timeout", IDLE_TIMEOUT))
             ahead = bool(context.node_config.get("build-ahead", True))
             start_worker(info, log, build_trainer, load_client_data, idle, ahead)
@@ -143,13 +146,13 @@ def connected(info: Path) -> Connection | None:
         return None
 
 
-def stop_other_runs(info: Path) -> None:
-    """Ask the workers of this node's earlier runs to end (a run's worker has nothing to do once a later run
-    started)."""
+def stop_other_runs(info: Path, min_idle: float) -> None:
+    """Ask the workers of this node's other runs to end if they have had no message for `min_idle` seconds: a run
+    that has moved on leaves its worker holding a model; one that still runs beside this one keeps its own."""
     for other in info.parent.glob("worker-run-*.json"):
         if other != info and (connection := connected(other)) is not None:
             with connection:
-                connection.send_bytes(dumps(("stop",)))
+                connection.send_bytes(dumps(("stop", min_idle)))
 
 
 def start_worker(
