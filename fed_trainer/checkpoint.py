@@ -55,8 +55,8 @@ BEST_FIELDS = ("best_metric", "best_global_step", "best_model_checkpoint")  # Tr
 class RunProgress:
     """How far a run has come: the rounds done, the bytes exchanged so far, and every round's mean client loss; and
     what a client's own machine needs to know of its state (a Flower SuperNode's `KeptStates`): the id of the
-    federation (the run, and the runs that resumed it), the last round each client's update was aggregated in, and
-    those rounds as of the newest checkpoint."""
+    federation (the run, and the runs that resumed it), the last round each client's update reached the server in
+    (aggregated, or rejected for NaN/Inf), and those rounds as of the newest checkpoint."""
 
     round: int = 0
     total_bytes_up: int = 0

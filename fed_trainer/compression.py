@@ -178,9 +178,9 @@ class UpdateCompressor:
         """On a SuperNode that lost the residual it kept: raise with error feedback (only the node held it)."""
         if self.error_feedback:
             raise RuntimeError(
-                "this client's machine no longer holds the error-feedback residual it kept after its last aggregated "
-                "round (only that machine held it): restore the node's state-dir, resume from the newest checkpoint "
-                "(a node keeps the state of that one and of its last rounds only), or start the run again."
+                "this client's machine no longer holds the error-feedback residual it kept after its last round that "
+                "reached the server (only that machine held it): restore the node's state-dir, resume from the newest "
+                "checkpoint (a node keeps the state of that one and of its last rounds only), or start the run again."
             )
 
     def synchronize(self) -> None:

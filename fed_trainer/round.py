@@ -188,7 +188,10 @@ class Round:
         self.strategy.finish_round(model)
         if compressor is not None:
             compressor.finish_round()
-        self.trainer.round_progress.client_rounds.update(dict.fromkeys(kept, self.number))
+        # the clients whose update reached the server (a rejected one too: its machine keeps the state it trained
+        # to, as the simulation's strategy does) start their next round from the state this one left them
+        reached = [cid for cid in self.client_ids if cid in {*outcome["accepted"], *outcome["rejected"]}]
+        self.trainer.round_progress.client_rounds.update(dict.fromkeys(reached, self.number))
         reload_partitions(self.trainer.client_runner.engine)
         self.trainer.state.global_step = self.number * self.steps_per_round
         logs = {
@@ -329,9 +332,9 @@ def remote_update(
 ):
     """`local_update` on a machine of its own (a Flower SuperNode), which builds the initial model afresh for every
     round: the strategy first brings the model to the round's global state from what the machine `kept` after the
-    client's last aggregated round (`Strategy.catch_up`; None: the machine no longer has it, `kept_lost`). The
-    client trains on its dataset as the trainer holds it (prepared, for TRL's trainers). Returns (payload,
-    `TrainOutput`, what to keep for the next round)."""
+    client's last round that reached the server (`Strategy.catch_up`; None: the machine no longer has it,
+    `kept_lost`). The client trains on its dataset as the trainer holds it (prepared, for TRL's trainers). Returns
+    (payload, `TrainOutput`, what to keep for the next round)."""
     strategy = trainer.strategy
     strategy.begin_round(round_number)  # fresh LoRA factors are seeded by round
     kept = strategy.machine_kept(kept)

@@ -94,6 +94,8 @@ def test_a_failing_client_is_dropped_and_the_rest_averaged_with_renormalised_wei
     for round_number in (1, 2):
         assert set(recorder.ends[round_number]) == {0, 2}
         assert_global_is_the_mean_of(recorder, round_number, kept=[0, 2])
+    # the round each client's machine starts its next one from (Flower's KeptRounds): none for the failed client
+    assert trainer.round_progress.client_rounds == {0: 2, 2: 2}
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedex_lora"])
@@ -107,6 +109,8 @@ def test_an_update_with_nan_is_rejected_before_it_touches_the_aggregate(make_con
     )  # fmt: skip
     trainer.train()
     assert [e.get("num_clients_dropped", 0) for e in rounds(trainer)] == [0, 1]
+    # a rejected update reached the server: its machine moved on to the state it trained, as the simulation's did
+    assert trainer.round_progress.client_rounds == {0: 2, 1: 2, 2: 2}
     assert all(torch.isfinite(v).all() for v in recorder.globals[2].values() if v.is_floating_point())
     if not lora:  # fedex folds its residual into the base: the live state is not a plain average
         assert_global_is_the_mean_of(recorder, 2, kept=[0, 2])

@@ -56,8 +56,8 @@ class KeptStates:
         return self.folder / f"round-{round_number}.safetensors"
 
     def read(self) -> dict | None:
-        """The state kept after the client's last aggregated round: {} before it has one, None if this node has
-        not got it (its files lost, or let go of before a resume from an older checkpoint)."""
+        """The state kept after the client's last round that reached the server: {} before it has one, None if this
+        node has not got it (its files lost, or let go of before a resume from an older checkpoint)."""
         if self.rounds.round == 0:
             return {}
         path = self.path(self.rounds.round)

@@ -97,9 +97,9 @@ KEPT_PREFIX = "kept-"
 @dataclasses.dataclass(frozen=True)
 class KeptRounds:
     """Which of the states a SuperNode kept for its client (`client_app.KeptStates`) a message starts from: those of
-    the `federation` (a run and the runs that resumed it), written in `round` (the last round the client's update
-    was aggregated in; 0: none yet); and `saved_round`, that round as of the newest checkpoint, which a resumed run
-    would ask for."""
+    the `federation` (a run and the runs that resumed it), written in `round` (the last round whose update from the
+    client reached the server, aggregated or rejected for NaN/Inf; 0: none yet); and `saved_round`, that round as of
+    the newest checkpoint, which a resumed run would ask for."""
 
     federation: str
     round: int

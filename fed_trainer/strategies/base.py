@@ -152,9 +152,9 @@ class Strategy(ABC):
         return {}
 
     def machine_kept(self, kept: TensorDict | None, training: bool = True) -> TensorDict:
-        """What a client's own machine kept after the client's last aggregated round, for `catch_up` (or, not
-        `training`, `personal_from`); where the machine no longer has it (None: its files gone), nothing, once
-        `kept_lost` (the strategy's, and for training its compressor's) has let it go on without it."""
+        """What a client's own machine kept after the client's last round that reached the server, for `catch_up`
+        (or, not `training`, `personal_from`); where the machine no longer has it (None: its files gone), nothing,
+        once `kept_lost` (the strategy's, and for training its compressor's) has let it go on without it."""
         if kept is not None:
             return kept
         self.kept_lost()
@@ -163,9 +163,9 @@ class Strategy(ABC):
         return {}
 
     def kept_lost(self) -> None:
-        """On a client's own machine that lost what it kept after the client's last aggregated round: raise (the
-        client is dropped, with the reason) if only that machine held it; by default the server's messages bring a
-        client whatever it lacks, so nothing."""
+        """On a client's own machine that lost what it kept after the client's last round that reached the server:
+        raise (the client is dropped, with the reason) if only that machine held it; by default the server's messages
+        bring a client whatever it lacks, so nothing."""
         return None
 
     def client_state(self, client_id) -> TensorDict:
