@@ -121,7 +121,16 @@ def tensor_values(model) -> tuple[int, int]:
     """The values of `model`'s largest trainable tensor, and of its input embeddings when they are trainable and tied
     to its output embeddings (else 0): `client_training_bytes`'s `largest` and `tied`."""
     largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
-    embeddings = [getattr(model, f"get_{kind}_embeddings", lambda: None)() for kind in ("input", "output")]
-    weights = [getattr(module, "weight", None) for module in embeddings]
+    weights = [embedding_weight(model, kind) for kind in ("input", "output")]
     tied = weights[0] is not None and weights[0] is weights[1] and weights[0].requires_grad
     return largest, weights[0].numel() if tied else 0
+
+
+def embedding_weight(model, kind: str):
+    """The weight of `model`'s input or output (`kind`) embeddings, or None where it has none."""
+    getter = getattr(model, f"get_{kind}_embeddings", None)
+    try:
+        module = getter() if getter is not None else None
+    except NotImplementedError:  # transformers' answer for a model without them (an image classifier)
+        return None
+    return getattr(module, "weight", None)
