@@ -133,6 +133,7 @@ class FederatedTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(RoundProgressCallback)
         self.round_logs: dict | None = None  # the entry of the round being evaluated (`evaluate_round`)
+        self.round_progress = RunProgress()  # the run's (`train` starts it afresh, or from a checkpoint)
         self.client_trainer_cls, self.client_callbacks = client_trainer_cls, list(client_callbacks or [])
         self.model_init = model_init  # Trainer.__init__, which was not given it, set None
         self.client_runner = ClientRunner(self)

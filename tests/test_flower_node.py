@@ -23,6 +23,7 @@ from fed_trainer.clients import RemoteClient
 from fed_trainer.flower.remote import (
     EvalOrder,
     KeptRounds,
+    TrainOrder,
     introduced,
     record_holds,
     record_tensors,
@@ -32,6 +33,7 @@ from fed_trainer.flower.remote import (
 )
 from fed_trainer.flower.server_app import train_contents
 from fed_trainer.flower.warm import warm_client_app, worker_files
+from fed_trainer.round import Round
 
 
 def test_the_warm_client_app_imports_neither_torch_nor_the_app():
@@ -89,6 +91,17 @@ def test_every_client_of_a_fedavg_round_is_sent_one_shared_record(make_config, t
     sent = served_like_simulated(build, clients, tmp_path / "nodes")[1].sent
     assert [len(contents) for contents in sent] == [3, 3]
     assert [len({id(content["arrays"]) for content in contents.values()}) for contents in sent] == [1, 1]
+
+
+def test_a_first_rounds_orders_name_the_runs_federation_and_no_kept_state(make_config):
+    """Train orders can be written for a trainer that has not trained yet (bench/train_records.py builds them so):
+    they name its federation, and round 0 (nothing kept yet) for every client."""
+    trainer = FederatedTrainer(model=tiny_bert(), client_datasets=[toy_dataset(8, seed) for seed in range(2)],
+                               args=make_config(num_clients=2))  # fmt: skip
+    contents = train_contents(Round(trainer, 1, trainer.args.local_steps), roster(trainer))
+    orders = [TrainOrder.read(content["config"]) for content in contents.values()]
+    federation = trainer.round_progress.federation
+    assert [order.kept for order in orders] == [KeptRounds(federation, 0, 0)] * 2
 
 
 def flower_message(kind: str, content: RecordDict, context: Context) -> Message:
