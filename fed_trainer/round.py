@@ -190,7 +190,7 @@ class Round:
             compressor.finish_round()
         # the clients whose update reached the server (a rejected one too: its machine keeps the state it trained
         # to, as the simulation's strategy does) start their next round from the state this one left them
-        reached = [cid for cid in self.client_ids if cid in {*outcome["accepted"], *outcome["rejected"]}]
+        reached = [*outcome["accepted"], *outcome["rejected"]]
         self.trainer.round_progress.client_rounds.update(dict.fromkeys(reached, self.number))
         reload_partitions(self.trainer.client_runner.engine)
         self.trainer.state.global_step = self.number * self.steps_per_round
