@@ -185,8 +185,7 @@ class FederatedTrainer(Trainer):
         with each_message_once(TRAINER_LOGGER):  # local training would repeat its log lines for every client
             if self.round_progress.round == 0 and self.strategy.gradient_examples:
                 logs = GradientRound(self, steps_per_round).run(self.client_executor)
-                self.round_progress.add(logs)
-                self.log(logs)
+                self._finish_round(logs, steps_per_round, ignore_keys_for_eval, trial)
             for round_number in range(self.round_progress.round + 1, args.num_rounds + 1):
                 logs = Round(self, round_number, steps_per_round).run(self.client_executor)
                 self._finish_round(logs, steps_per_round, ignore_keys_for_eval, trial)
@@ -206,17 +205,19 @@ class FederatedTrainer(Trainer):
     def _finish_round(self, logs: dict, steps_per_round: int, ignore_keys_for_eval, trial) -> None:
         """After a round: count its bytes and loss, evaluate when due (tracking the best metric), log the round as
         one entry, and write a checkpoint when the schedule or a new best metric asks for one; in a hyperparameter
-        search, report the eval metrics to the trial (which may prune it)."""
+        search, report the eval metrics to the trial (which may prune it). Round 0 (`GradientRound`: clients' gradients
+        that set up the state round 1 starts from, no training) is counted and logged only."""
         args, round_number = self.args, logs["round"]
         self.round_progress.add(logs)
         self.state.epoch = float(round_number)
         new_best = False
-        if evaluation_due(args, round_number, steps_per_round):
+        trained = round_number > 0
+        if trained and evaluation_due(args, round_number, steps_per_round):
             evaluate_round(self, logs, ignore_keys_for_eval)
             new_best = is_new_best(args, self.state, logs)
             report_round(self, trial, logs)  # may prune the trial
         self.log(logs)
-        if save_due(args, round_number, steps_per_round) or (new_best and keeps_best(args)):
+        if trained and (save_due(args, round_number, steps_per_round) or (new_best and keeps_best(args))):
             self.save_round_checkpoint()
 
     def save_round_checkpoint(self) -> str:

@@ -112,6 +112,18 @@ def test_lora_sb_starts_round_1_from_the_best_rank_r_approximation_of_the_first_
     assert trainer.state.log_history[-1]["train_loss"] == pytest.approx((rounds[1]["loss"] + rounds[2]["loss"]) / 2)
 
 
+def test_round_0_is_logged_but_neither_evaluated_nor_saved(make_config, tmp_path):
+    """Every round is evaluated and saved, but round 0 (gradients, no training) only counted and logged."""
+    args = make_config(strategy="fed_sb", eval_every_rounds=1, save_every_rounds=1, save_strategy="steps")
+    trainer = FederatedTrainer(model=tiny_bert(dropout=0.0), client_datasets=CLIENTS, peft_config=LORA, args=args,
+                               eval_dataset=CLIENTS[0], data_collator=default_data_collator)  # fmt: skip
+    trainer.train()
+    rounds = [e for e in trainer.state.log_history if "round" in e]
+    assert [(e["round"], "eval_loss" in e) for e in rounds] == [(0, False), (1, True), (2, True)]
+    assert rounds[0]["total_bytes_up"] == rounds[0]["bytes_up"] > 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("round-*")) == ["round-1", "round-2"]
+
+
 def test_a_compressed_uplink_compresses_round_0s_gradients_without_keeping_residuals(make_config):
     """int8 with error feedback: round 0's gradients travel at 1 byte a value plus a float32 scale per 64 values and
     the int64 shape; no residual is kept for them (no later payload continues them); round 1's R payloads keep
