@@ -11,6 +11,10 @@ Checks, each on the bundled SmolLM2-135M (causal LM on chatterbot-corpus blocks 
   the CPU (on a GPU its peak memory is the model's and one client's training, not the server state's).
 - `galore_fedavg`: FedAvg with GaLore clients (`galore_adamw`, rank 64, attention and MLP projections).
 - `qlora_4bit`: LoRA on a 4-bit nf4 base (bitsandbytes), bf16 compute.
+- `fed_sb_bf16`, `fed_sb_bf16_state_cpu`: Fed-SB (LoRA-SB initialisation: round 0 sums the clients' dense
+  gradients where the server state lives, then takes each layer's SVD on the model's device) and its round 1, with
+  the server state on the model's device and on the CPU: the same loss either way. Not timed against the baseline
+  (round 0 adds a gradient pass).
 - `memory_model`, `memory_model_state_cpu`: the memory model (`fed_trainer.memory_model`) against the tensors a
   FedAvg round of 2 clients holds at its peak above the loaded model (`torch.cuda.max_memory_allocated`, less what
   was allocated before; on the CPU the allocator's count, `memory.allocated_tensor_bytes`), with the server state on
@@ -50,6 +54,7 @@ from fed_trainer import FederatedConfig, FederatedTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CHECKS = ("memory_model", "memory_model_state_cpu")  # measured against the memory model, not the baseline
+UNTIMED = ("fed_sb_bf16", "fed_sb_bf16_state_cpu", "zero3_1proc", "client_parallel_2proc", *MODEL_CHECKS)  # other work
 TINY_GLUE = ["--max_train_samples", "64", "--max_eval_samples", "32", "--num_rounds", "1", "--local_steps", "2",
              "--max_seq_length", "32", "--disable_tqdm", "true", "--save_strategy", "no"]  # fmt: skip
 
@@ -124,7 +129,7 @@ def federated(a, data, device: str, strategy: str, lora: bool = False, quantized
                                **common_args(a, out), **config)  # fmt: skip
         trainer = FederatedTrainer(model=model, args=args, client_datasets=clients, peft_config=peft)
         trainer.train()
-    loss = next(e["loss"] for e in trainer.state.log_history if "round" in e)
+    loss = [e["loss"] for e in trainer.state.log_history if "round" in e][-1]  # round 1's (Fed-SB's has a round 0)
     return dict(loss=loss, seconds=meter.seconds, peak_mib=meter.peak_mib)
 
 
@@ -232,6 +237,8 @@ def main() -> None:
                                            optim_target_modules=["self_attn", "mlp"],
                                            optim_args="rank=64,update_proj_gap=200,scale=0.25"),
         "qlora_4bit": lambda: federated(a, data, device, "fedit", lora=True, quantized=True),
+        "fed_sb_bf16": lambda: federated(a, data, device, "fed_sb", lora=True),
+        "fed_sb_bf16_state_cpu": lambda: federated(a, data, device, "fed_sb", lora=True, server_state_device="cpu"),
         "memory_model": lambda: memory_model_check(a, data, device, device),
         "memory_model_state_cpu": lambda: memory_model_check(a, data, device, "cpu"),
         "zero3_1proc": lambda: zero3(a, device),
@@ -257,7 +264,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     baseline = next((r for r in rows if r["check"] == "plain_bf16" and r["status"] == "ok"), None)
     for row in rows:
-        if row["status"] == "ok" and row["check"] not in ("zero3_1proc", "client_parallel_2proc", *MODEL_CHECKS):
+        if row["status"] == "ok" and row["check"] not in UNTIMED:
             row["tokens_per_s"] = tokens / row["seconds"]
             if baseline is not None:
                 row["throughput_ratio"] = baseline["seconds"] / row["seconds"]

@@ -17,8 +17,8 @@ def test_every_check_of_the_accelerator_script_runs_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {row["check"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["plain_bf16", "fedavg_bf16", "fedit_bf16", "fedavg_bf16_state_cpu", "galore_fedavg",
-                          "qlora_4bit", "memory_model", "memory_model_state_cpu", "zero3_1proc",
-                          "client_parallel_2proc"]  # fmt: skip
+                          "qlora_4bit", "fed_sb_bf16", "fed_sb_bf16_state_cpu", "memory_model",
+                          "memory_model_state_cpu", "zero3_1proc", "client_parallel_2proc"]  # fmt: skip
     assert {row["status"] for row in rows.values()} == {"ok"}
     assert rows["plain_bf16"]["throughput_ratio"] == 1.0
     for name in ("fedavg_bf16", "fedit_bf16", "galore_fedavg", "qlora_4bit"):
@@ -29,6 +29,7 @@ def test_every_check_of_the_accelerator_script_runs_on_the_cpu(tmp_path):
         assert 1.0 <= rows[name]["model_ratio"] < 1.05, rows[name]
     # where the server state lives changes no number (on a GPU: the peak memory)
     assert rows["fedavg_bf16_state_cpu"]["loss"] == pytest.approx(rows["fedavg_bf16"]["loss"], rel=1e-6)
+    assert rows["fed_sb_bf16_state_cpu"]["loss"] == pytest.approx(rows["fed_sb_bf16"]["loss"], rel=1e-6)
     # the same federated MiniLM run, sharded by ZeRO-3 in one process and shared out over two processes
     assert rows["zero3_1proc"]["loss"] == pytest.approx(rows["client_parallel_2proc"]["loss"], rel=1e-4)
 

@@ -78,7 +78,8 @@ class FedSB(LoraStrategy):
             rate did far worse: docs/results.md). LoRA-SB's code uses the peak rate divided by the warmup steps.
 
     Round 0's aggregate is a float32 sum of every targeted weight's gradient (out*in per layer), kept where the
-    server state lives (`server_state_device`, whose "auto" sizes it: `fed_trainer.memory_model`).
+    server state lives (`server_state_device`, whose "auto" sizes it: `fed_trainer.memory_model`); each layer's
+    SVD then runs on the model's device, one layer at a time.
     """
 
     title = "Fed-SB"
@@ -221,8 +222,9 @@ class FedSB(LoraStrategy):
         gradients = self.round_aggregate()
         rate = self.args.learning_rate / 10 if self.init_learning_rate is None else self.init_learning_rate
         bases = {}
-        for name, layer in self.layers.items():
-            step = -rate * torch.sign(gradients.pop(message_key(name, "gradient")).float())
+        for name, layer in self.layers.items():  # one layer at a time on the model's device (SVDs on a GPU)
+            gradient = gradients.pop(message_key(name, "gradient"))
+            step = -rate * torch.sign(gradient.to(layer.get_base_layer().weight.device, torch.float32))
             b, r, a = first_step_factors(transpose(step, getattr(layer, "fan_in_fan_out", False)),
                                          layer.lora_B[ADAPTER].weight.shape[1], layer.scaling[ADAPTER])  # fmt: skip
             bases.update({message_key(name, "basis_B"): b, message_key(name, "basis_A"): a})
