@@ -224,7 +224,7 @@ class FedSB(LoraStrategy):
         bases = {}
         for name, layer in self.layers.items():  # one layer at a time on the model's device (SVDs on a GPU)
             gradient = gradients.pop(message_key(name, "gradient"))
-            step = -rate * torch.sign(gradient.to(layer.get_base_layer().weight.device, torch.float32))
+            step = gradient.to(layer.get_base_layer().weight.device, torch.float32, copy=True).sign_().mul_(-rate)
             b, r, a = first_step_factors(transpose(step, getattr(layer, "fan_in_fan_out", False)),
                                          layer.lora_B[ADAPTER].weight.shape[1], layer.scaling[ADAPTER])  # fmt: skip
             bases.update({message_key(name, "basis_B"): b, message_key(name, "basis_A"): a})
