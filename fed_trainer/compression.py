@@ -180,7 +180,8 @@ class UpdateCompressor:
             raise RuntimeError(
                 "this client's machine no longer holds the error-feedback residual it kept after its last round that "
                 "reached the server (only that machine held it): restore the node's state-dir, resume from the newest "
-                "checkpoint (a node keeps the state of that one and of its last rounds only), or start the run again."
+                "checkpoint (a node keeps the state of that one and of its last rounds only, for its last "
+                "keep-federations runs: node config), or start the run again."
             )
 
     def synchronize(self) -> None:

@@ -20,6 +20,7 @@ from supernodes import served_like_simulated
 
 from fed_trainer import FederatedTrainer
 from fed_trainer.clients import RemoteClient
+from fed_trainer.flower.client_app import KeptStates
 from fed_trainer.flower.remote import (
     EvalOrder,
     KeptRounds,
@@ -155,6 +156,29 @@ def gone_within(pid: int, seconds: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def test_a_node_keeps_the_state_of_the_federations_it_wrote_to_last(tmp_path):
+    """Finished runs do not fill a node's disk: writing to a federation's folder deletes those of the federations
+    beyond the `keep-federations` written to last (0: none are deleted)."""
+
+    def federations_after(writes, keep):
+        state_dir = tmp_path / f"{len(writes)}-writes-keep-{keep}"
+        for federation, round_number in writes:
+            config = {"state-dir": str(state_dir), "keep-federations": keep}
+            states = KeptStates(Context(1, 5, config, RecordDict(), {}), KeptRounds(federation, round_number - 1, 0))
+            states.write(round_number, {"control": torch.full((2,), float(round_number))})
+            time.sleep(0.05)  # (a folder's modification time is the kernel's clock tick: a few ms)
+        node = state_dir / "node-5"
+        return {path.name: sorted(f.name for f in path.iterdir()) for path in sorted(node.iterdir())}
+
+    writes = [("a", 1), ("b", 1), ("c", 1), ("b", 2)]  # b written to again after c: a, then c, are the oldest
+    assert federations_after(writes, keep=2) == {
+        "federation-b": ["round-1.safetensors", "round-2.safetensors"],
+        "federation-c": ["round-1.safetensors"],
+    }
+    assert list(federations_after([*writes, ("d", 1)], keep=2)) == ["federation-b", "federation-d"]
+    assert list(federations_after([*writes, ("d", 1)], keep=0)) == [f"federation-{f}" for f in "abcd"]
 
 
 def test_warm_supernodes_end_with_the_simulations_model_loading_their_data_once_and_building_ahead(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from fed_trainer.trainer import FederatedTrainer
 # load_client_data(context) -> (client_id, dataset): this SuperNode's client and its private data
 DataLoader = Callable[[Context], tuple[object, Dataset]]
 
+KEEP_FEDERATIONS = 4  # federations whose kept state a node holds, the latest written (node config: keep-federations)
+
 
 class KeptStates:
     """What the strategy keeps on this SuperNode between its client's rounds (`Strategy.catch_up`,
@@ -41,7 +44,9 @@ class KeptStates:
     Flower run) finds the state its checkpoint's round left, not a later one the interrupted run wrote.
 
     `rounds` (`KeptRounds`, from the server) says which file a message starts from. A node keeps that one, the
-    newest checkpoint's (for a resume) and the one it writes; the others go.
+    newest checkpoint's (for a resume) and the one it writes; the others go. Of its federations it keeps the
+    `keep-federations` (node config; 0: all) it wrote to last: so that finished runs do not fill its disk, an older
+    one's folder goes when another is written to.
 
     Not Flower's `context.state`: flwr 1.42 sends it back from the ClientApp process in an exit handler that is
     killed after 5 s, and a state the size of a model (SCAFFOLD's control) took longer on a busy machine and was lost
@@ -51,6 +56,7 @@ class KeptStates:
     def __init__(self, context: Context, rounds: KeptRounds) -> None:
         self.folder = node_dir(context) / f"federation-{rounds.federation}"
         self.rounds = rounds
+        self.keep_federations = int(context.node_config.get("keep-federations", KEEP_FEDERATIONS))
 
     def path(self, round_number: int) -> Path:
         return self.folder / f"round-{round_number}.safetensors"
@@ -75,6 +81,22 @@ class KeptStates:
         for other in self.folder.glob("round-*.safetensors"):
             if other not in wanted:
                 other.unlink(missing_ok=True)
+        for folder in older_federations(self.folder.parent, self.keep_federations):
+            shutil.rmtree(folder, ignore_errors=True)  # (another run of the node may be letting it go too)
+
+
+def older_federations(node: Path, keep: int) -> list[Path]:
+    """The federation folders of the node folder `node` beyond the `keep` last written to (none when `keep` is 0).
+    A folder's modification time is its last write: writing a round's file replaces one in it."""
+    if keep <= 0:
+        return []
+    written = []
+    for folder in node.glob("federation-*"):
+        try:
+            written.append((folder.stat().st_mtime_ns, folder))
+        except FileNotFoundError:  # let go of by another run of the node meanwhile
+            continue
+    return [folder for _, folder in sorted(written, reverse=True)[keep:]]
 
 
 def train_reply(

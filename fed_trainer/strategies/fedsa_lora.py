@@ -70,7 +70,7 @@ class FedSALoRA(LoraStrategy):
             "this client's machine no longer holds the B it kept after its last round that reached the server "
             "(FedSA-LoRA keeps each client's B on its own machine only, and the server cannot send it): restore the "
             "node's state-dir, resume from the newest checkpoint (a node keeps the state of that one and of its last "
-            "rounds only), or start the run again."
+            "rounds only, for its last keep-federations runs: node config), or start the run again."
         )
 
     def personal_from(self, kept: TensorDict) -> None:
