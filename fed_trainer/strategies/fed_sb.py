@@ -75,7 +75,8 @@ class FedSB(LoraStrategy):
             ones in training order, in whole batches).
         init_learning_rate: with "lora_sb", the lr of dW = -lr sign(G); None: a tenth of the run's
             `learning_rate` (on BBC News the best of the rates swept, over 5 and 38 rounds, where the clients' own
-            rate did far worse: docs/results.md). LoRA-SB's code uses the peak rate divided by the warmup steps.
+            rate did far worse, and again on SmolLM2 instruction tuning: docs/results.md). LoRA-SB's code uses the
+            peak rate divided by the warmup steps.
 
     Round 0's aggregate is a float32 sum of every targeted weight's gradient (out*in per layer), kept where the
     server state lives (`server_state_device`, whose "auto" sizes it: `fed_trainer.memory_model`); each layer's
