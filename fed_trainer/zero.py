@@ -78,6 +78,17 @@ def load_whole_state(model: nn.Module, state: dict) -> None:
         assign_whole(live[name], value)
 
 
+def zero3_run(args) -> bool:
+    """Whether the run (its `FederatedConfig`) is under DeepSpeed ZeRO-3. Its model is partitioned for good when the
+    client trainer's engine is built, after the strategy's `setup`; a strategy then takes its state from the
+    partitions (`Strategy.on_model_sharded`), and not first from the whole model as well: for a model not loaded
+    under `zero.Init` (built before the run's config, or by its class's constructor) that would be a whole copy on
+    every process."""
+    from fed_trainer.config import deepspeed_zero_stage
+
+    return deepspeed_zero_stage(args.deepspeed) == 3
+
+
 def holds_shards(model: nn.Module) -> bool:
     """Whether `model`'s parameters are ZeRO-3 partitions (each rank then aggregates its own)."""
     return any(hasattr(p, "ds_tensor") for p in model.parameters())

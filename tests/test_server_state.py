@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fed_trainer import FederatedCallback, FederatedTrainer
 from fed_trainer.memory_model import client_training_bytes, server_state_bytes, tensor_values
 from fed_trainer.server_state import OnDevice, state_device
+from fed_trainer.strategies.registry import get_strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -217,3 +218,24 @@ def test_no_client_optimizer_outlives_its_client_into_the_aggregation(make_confi
                                args=make_config(num_clients=2, num_rounds=2))  # fmt: skip
     trainer.train()
     assert len(refs.refs) == 4 and refs.alive_at_round_end == [False] * 6  # 2 after round 1, 4 after round 2
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "flexlora"])
+def test_under_zero3_the_strategy_copies_nothing_of_the_model_before_zero_partitions_it(make_config, strategy):
+    """Under ZeRO-3 the client trainer's engine partitions the model after the strategy's setup (a model not loaded
+    under zero.Init is whole until then): setup then copies none of it, and the strategy takes its state from the
+    partitions (`on_model_sharded`; the ZeRO-3 runs of tests/test_zero.py end where one process ends). Without
+    DeepSpeed setup takes the float32 global copy of the trainable weights, and FlexLoRA the base weights it folds
+    updates into."""
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    allocated, kept = {}, []
+    for stage in (0, 3):
+        args = make_config(strategy=strategy)
+        args.deepspeed = {"zero_optimization": {"stage": stage}} if stage else None  # (set after the config's checks)
+        server, model = get_strategy(strategy), tiny_bert()
+        kept.append(server)  # (what it holds stays alive, and is not let go of in the next measure)
+        with allocated_tensor_bytes() as allocated[stage]:
+            model = server.setup(model, args, {0: peft} if strategy == "flexlora" else None)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    based = sum(w.numel() for n, w in model.named_parameters() if n.endswith("base_layer.weight"))  # FlexLoRA's
+    assert allocated[0]["final"] - allocated[3]["final"] == 4 * (trainable + based)

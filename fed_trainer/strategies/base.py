@@ -114,7 +114,8 @@ class Strategy(ABC):
 
     def on_model_sharded(self, model: nn.Module) -> None:
         """Called once DeepSpeed ZeRO-3 has partitioned `model`'s parameters over the ranks (before the first
-        round): take the global state again from the partitions. Needed where `capabilities.zero3` is declared."""
+        round): take the global state from the partitions (`setup` leaves it to this under ZeRO-3:
+        `fed_trainer.zero.zero3_run`). Needed where `capabilities.zero3` is declared."""
         raise NotImplementedError(
             f"strategy {self.name!r} declares ZeRO-3 support but implements no on_model_sharded."
         )

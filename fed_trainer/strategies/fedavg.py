@@ -18,7 +18,7 @@ from fed_trainer.server_state import OnDevice, placed, state_device
 from fed_trainer.strategies.base import Strategy, TensorDict, trainable_state
 from fed_trainer.strategies.capabilities import Capabilities
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import local_shard
+from fed_trainer.zero import local_shard, zero3_run
 
 if TYPE_CHECKING:
     from fed_trainer.config import FederatedConfig
@@ -60,7 +60,8 @@ class FedAvg(Strategy):
 
     def setup(self, model: nn.Module, args: FederatedConfig, peft_configs: dict | None = None) -> nn.Module:
         model = super().setup(model, args)
-        self._take_global_state(model)
+        if not zero3_run(args):  # under ZeRO-3: from the partitions, once there are (`on_model_sharded`)
+            self._take_global_state(model)
         return model
 
     def _take_global_state(self, model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from fed_trainer.lowrank import truncated_svd_of_product
 from fed_trainer.strategies.base import TensorDict
 from fed_trainer.strategies.lora import StackedLoraStrategy, fold_into_base
 from fed_trainer.strategies.registry import register_strategy
-from fed_trainer.zero import own_part, whole
+from fed_trainer.zero import own_part, whole, zero3_run
 
 
 @register_strategy("flexlora")
@@ -43,7 +43,8 @@ class FlexLoRA(StackedLoraStrategy):
         model = super().setup(model, args, peft_configs)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.update: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # dW by layer as (left, right)
-        self._take_origin()
+        if not zero3_run(args):  # under ZeRO-3: from the partitions, once there are (`on_model_sharded`)
+            self._take_origin()
         return model
 
     def on_model_sharded(self, model: nn.Module) -> None:
