@@ -23,7 +23,7 @@ from fed_trainer.client_eval import local_scores
 from fed_trainer.compression import translated
 from fed_trainer.distributed import all_gather_objects, all_reduce_scalar, is_client_parallel, merged, share_of
 from fed_trainer.privacy import privacy_spent
-from fed_trainer.server_state import OnDevice
+from fed_trainer.server_state import OnDevice, out_of_memory_hint
 from fed_trainer.strategies.base import equal_tensors
 from fed_trainer.zero import reload_partitions
 
@@ -363,7 +363,8 @@ class InProcessClients:
             except Exception as err:  # one client's failure (a bad batch, out of memory) must not end the run
                 if processes == 1 and args.world_size > 1:  # sharded: the other ranks are inside this client's steps
                     raise sharded_client_failure(round, client_id, err) from err
-                round.drop(client_id, f"{type(err).__name__}: {err}")
+                hint = out_of_memory_hint(err, round.strategy.state_device)
+                round.drop(client_id, f"{type(err).__name__}: {err}{hint}")
                 continue
             round.receive(client_id, payload, output.training_loss, trainer.client_runner.last_learning_rate)
 
@@ -382,7 +383,8 @@ def sharded_client_failure(round: Round, client_id, err: Exception) -> RuntimeEr
     args = round.args
     return RuntimeError(
         f"Round {round.number}: the training of client {client_id!r} raised on rank {args.process_index} of "
-        f"{args.world_size}: {type(err).__name__}: {err}. Under DeepSpeed every rank trains every client together, "
-        "so a client that fails on one rank cannot be dropped: the run stops. Fix the client's data (or memory), "
+        f"{args.world_size}: {type(err).__name__}: {err}.{out_of_memory_hint(err, round.strategy.state_device)} "
+        "Under DeepSpeed every rank trains every client together, so a client that fails on one rank cannot be "
+        "dropped: the run stops. Fix the client's data (or memory), "
         "then continue from the last round checkpoint with trainer.train(resume_from_checkpoint=True)."
     )

@@ -44,6 +44,17 @@ def state_device(
     return cpu
 
 
+def out_of_memory_hint(err: BaseException, state_device: torch.device | None) -> str:
+    """What to add to the report of a client's training that ran out of GPU memory while the server state lives on
+    that GPU: where to put the state instead ("" for another error, or a state elsewhere)."""
+    if not isinstance(err, torch.OutOfMemoryError) or state_device is None or state_device.type != "cuda":
+        return ""
+    return (
+        f" The server state lives on {state_device} beside the training: server_state_device='cpu' keeps it in host "
+        "memory ('auto' put it there by the weights, gradients and optimizer state, without the activations)."
+    )
+
+
 def placed(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A copy of `tensor` (in `dtype`, default its own) on `device`, in pinned memory when that is the CPU of a
     machine with a GPU, so that copies from it to the GPU need not wait."""

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_bert, toy_dataset
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import GPT2Config, GPT2ForSequenceClassification
+from transformers import GPT2Config, GPT2ForSequenceClassification, TrainerCallback
 
 from fed_trainer import FederatedCallback, FederatedConfig, FederatedTrainer
 from fed_trainer.checkpoint import STATE_FILE
@@ -81,6 +81,28 @@ def assert_global_is_the_mean_of(recorder, round_number, kept):
 
 def rounds(trainer):
     return [e for e in trainer.state.log_history if "round" in e]
+
+
+class RunsOutOfMemory(TrainerCallback):
+    """A client trainer whose first step runs out of GPU memory (raised as torch raises it)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("state_on_gpu", [True, False])
+def test_a_client_out_of_gpu_memory_beside_the_server_state_is_dropped_naming_where_to_put_the_state(
+    make_config, caplog, state_on_gpu
+):
+    trainer = FederatedTrainer(model=tiny_bert(), args=make_config(num_clients=1, num_rounds=1),
+                               client_datasets=CLIENTS[:1], client_callbacks=[RunsOutOfMemory()])  # fmt: skip
+    if state_on_gpu:  # where server_state_device="auto" puts it when the weights and optimizer fit (no GPU here:
+        trainer.strategy.state_device = torch.device("cuda", 0)  # the client fails before the state is touched)
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="only 0 of 1 clients gave a usable update"):
+        trainer.train()
+    dropped = [r.getMessage() for r in caplog.records if "failed and is dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "OutOfMemoryError: CUDA out of memory" in dropped[0]
+    assert ("server_state_device='cpu' keeps it in host memory" in dropped[0]) == state_on_gpu
 
 
 def test_a_failing_client_is_dropped_and_the_rest_averaged_with_renormalised_weights(make_config):
