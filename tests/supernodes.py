@@ -13,10 +13,11 @@ from fed_trainer.flower.server_app import train_contents
 class SuperNodesInProcess:
     """`build(context, client_datasets)` builds a node's trainer; `clients[client_id]` is that node's dataset;
     each node keeps its files under `state_dir`; the messages come from Flower run `run_id` (a resumed run is a new
-    one)."""
+    one); client k's node has node id `first_node_id + k` (a SuperNode restarted without a key gets another)."""
 
-    def __init__(self, build, clients, state_dir, run_id: int = 1) -> None:
+    def __init__(self, build, clients, state_dir, run_id: int = 1, first_node_id: int = 0) -> None:
         self.build, self.clients, self.state_dir, self.run_id = build, clients, str(state_dir), run_id
+        self.first_node_id = first_node_id
         self.sent: list[dict] = []  # every round's train records, by client
         self.held: list[tuple[int, int]] = []  # every round's distinct (messages, sent forms) awaiting the replies
 
@@ -26,8 +27,8 @@ class SuperNodesInProcess:
         pairs = round.messages.values()
         self.held.append((len({id(message) for message, _ in pairs}), len({id(sent) for _, sent in pairs})))
         for client_id, content in self.sent[-1].items():
-            node = Context(run_id=self.run_id, node_id=client_id, node_config={"state-dir": self.state_dir},
-                           state=RecordDict(), run_config={})  # fmt: skip
+            node = Context(run_id=self.run_id, node_id=self.first_node_id + client_id,
+                           node_config={"state-dir": self.state_dir}, state=RecordDict(), run_config={})  # fmt: skip
             data = lambda context, cid=client_id: (cid, self.clients[cid])  # noqa: E731
             reply = train_reply(self.build, data, content, node)
             round.receive(client_id, *trained(reply))

@@ -155,8 +155,9 @@ class ServerDies(SuperNodesInProcess):
 
 def test_a_resumed_federation_starts_each_node_from_the_b_it_kept_at_the_checkpoint(make_config, tmp_path):
     """On SuperNodes each client's B lives on its node only. A run dies in round 3 after its nodes trained (and kept
-    their round-3 B); resumed from round 2's checkpoint as a new Flower run, every node starts from the B of its
-    client's last round before the checkpoint, and the run ends where the uninterrupted simulation ends."""
+    their round-3 B); resumed from round 2's checkpoint as a new Flower run, on SuperNodes restarted without keys
+    (new node ids), every node starts from the B of its client's last round before the checkpoint, and the run ends
+    where the uninterrupted simulation ends."""
 
     def build(context=None, clients=CLIENTS, **config):
         args = make_config(strategy="fedsa_lora", num_rounds=3, clients_per_round=2, learning_rate=2e-2, **config)
@@ -170,7 +171,7 @@ def test_a_resumed_federation_starts_each_node_from_the_b_it_kept_at_the_checkpo
     with pytest.raises(RuntimeError, match="the server died"):
         dying.train()
     resumed = build(save_every_rounds=1)
-    resumed.client_executor = SuperNodesInProcess(build, clients, nodes, run_id=2)
+    resumed.client_executor = SuperNodesInProcess(build, clients, nodes, run_id=2, first_node_id=100)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "round-2"))
     expected = simulated.model.state_dict()
     for name, value in resumed.model.state_dict().items():
@@ -184,5 +185,5 @@ def test_a_resumed_federation_starts_each_node_from_the_b_it_kept_at_the_checkpo
     for client_id in clients:
         rounds = [r for r in (1, 2, 3) if client_id in sampled_clients(resumed.args, list(clients), r)]
         assert progress.client_rounds[client_id] == rounds[-1]
-        folder = nodes / f"node-{client_id}" / f"federation-{progress.federation}"
+        folder = nodes / f"client-{client_id}" / f"federation-{progress.federation}"
         assert sorted(path.name for path in folder.iterdir()) == [f"round-{r}.safetensors" for r in rounds[-2:]]

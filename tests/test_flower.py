@@ -93,9 +93,9 @@ def test_a_killed_supernode_stops_the_run_and_the_resumed_run_ends_where_the_sim
         logs = deployment.run_signalling_node(1, fed_args, run)
         assert "only 1 of 2 clients gave a usable update" in logs, logs[-3000:]
         assert (run / "round-1").is_dir() and not (run / "model.safetensors").exists()
-        # the node back (without a key: a new node, holding none of its files), and the run resumed from round 1's
-        # checkpoint (a new Flower run): the server sends each client its c_k, and the run ends where the
-        # uninterrupted simulation ends
+        # the node back (without a key: under a new node id, finding its client's files in its state-dir), and the
+        # run resumed from round 1's checkpoint (a new Flower run): the server sends each client its c_k (a node may
+        # have been replaced), and the run ends where the uninterrupted simulation ends
         deployment.nodes[1] = deployment.start_node(1)
         deployment.run(f"{fed_args} --resume_from_checkpoint {run / 'round-1'}", run)
     finally:

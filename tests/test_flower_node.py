@@ -158,19 +158,21 @@ def gone_within(pid: int, seconds: float) -> bool:
     return True
 
 
-def test_a_node_keeps_the_state_of_the_federations_it_wrote_to_last(tmp_path):
+def test_a_node_keeps_its_clients_state_of_the_federations_it_wrote_to_last(tmp_path):
     """Finished runs do not fill a node's disk: writing to a federation's folder deletes those of the federations
-    beyond the `keep-federations` written to last (0: none are deleted)."""
+    beyond the `keep-federations` written to last (0: none are deleted). The folders are the client's (its id
+    quoted), whichever node id the SuperNode has."""
 
     def federations_after(writes, keep):
         state_dir = tmp_path / f"{len(writes)}-writes-keep-{keep}"
         for federation, round_number in writes:
             config = {"state-dir": str(state_dir), "keep-federations": keep}
-            states = KeptStates(Context(1, 5, config, RecordDict(), {}), KeptRounds(federation, round_number - 1, 0))
+            node = Context(1, 100 + round_number, config, RecordDict(), {})  # (a restarted node: another id)
+            states = KeptStates(node, "site/5", KeptRounds(federation, round_number - 1, 0))
             states.write(round_number, {"control": torch.full((2,), float(round_number))})
             time.sleep(0.05)  # (a folder's modification time is the kernel's clock tick: a few ms)
-        node = state_dir / "node-5"
-        return {path.name: sorted(f.name for f in path.iterdir()) for path in sorted(node.iterdir())}
+        client = state_dir / "client-site%2F5"
+        return {path.name: sorted(f.name for f in path.iterdir()) for path in sorted(client.iterdir())}
 
     writes = [("a", 1), ("b", 1), ("c", 1), ("b", 2)]  # b written to again after c: a, then c, are the oldest
     assert federations_after(writes, keep=2) == {

@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 from datasets import Dataset
@@ -27,7 +28,7 @@ from fed_trainer.flower.remote import (
     roster,
     train_result,
 )
-from fed_trainer.flower.warm import answering_app, node_dir
+from fed_trainer.flower.warm import answering_app, state_dir
 from fed_trainer.round import remote_update
 from fed_trainer.trainer import FederatedTrainer
 
@@ -40,8 +41,9 @@ KEEP_FEDERATIONS = 4  # federations whose kept state a node holds, the latest wr
 class KeptStates:
     """What the strategy keeps on this SuperNode between its client's rounds (`Strategy.catch_up`,
     `Strategy.client_state`: FLoRA's folded base, SCAFFOLD's control, FedSA-LoRA's B, an error-feedback residual),
-    one file per round it was written in, in the node's folder (`warm.node_dir`) by federation: a resumed run (a new
-    Flower run) finds the state its checkpoint's round left, not a later one the interrupted run wrote.
+    one file per round it was written in, in the client's folder in the node's `state-dir` by federation: a resumed
+    run (a new Flower run) finds the state its checkpoint's round left, not a later one the interrupted run wrote,
+    and a restarted SuperNode (which may come back under a new node id) finds what it kept for its client.
 
     `rounds` (`KeptRounds`, from the server) says which file a message starts from. A node keeps that one, the
     newest checkpoint's (for a resume) and the one it writes; the others go. Of its federations it keeps the
@@ -53,8 +55,9 @@ class KeptStates:
     without an error.
     """
 
-    def __init__(self, context: Context, rounds: KeptRounds) -> None:
-        self.folder = node_dir(context) / f"federation-{rounds.federation}"
+    def __init__(self, context: Context, client_id, rounds: KeptRounds) -> None:
+        client = state_dir(context) / f"client-{quote(str(client_id), safe='')}"  # (any id: "/" is "%2F")
+        self.folder = client / f"federation-{rounds.federation}"
         self.rounds = rounds
         self.keep_federations = int(context.node_config.get("keep-federations", KEEP_FEDERATIONS))
 
@@ -85,13 +88,13 @@ class KeptStates:
             shutil.rmtree(folder, ignore_errors=True)  # (another run of the node may be letting it go too)
 
 
-def older_federations(node: Path, keep: int) -> list[Path]:
-    """The federation folders of the node folder `node` beyond the `keep` last written to (none when `keep` is 0).
-    A folder's modification time is its last write: writing a round's file replaces one in it."""
+def older_federations(client: Path, keep: int) -> list[Path]:
+    """The federation folders of the client folder `client` beyond the `keep` last written to (none when `keep` is
+    0). A folder's modification time is its last write: writing a round's file replaces one in it."""
     if keep <= 0:
         return []
     written = []
-    for folder in node.glob("federation-*"):
+    for folder in client.glob("federation-*"):
         try:
             written.append((folder.stat().st_mtime_ns, folder))
         except FileNotFoundError:  # let go of by another run of the node meanwhile
@@ -121,7 +124,7 @@ def train_reply(
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     built = time.time()
     message = record_tensors(content["arrays"])
-    states = KeptStates(context, order.kept)
+    states = KeptStates(context, client_id, order.kept)
     payload, output, kept = remote_update(trainer, order.round, client_id, message, order.plan, states.read())
     if kept:  # for this client's next round
         states.write(order.round, kept)
@@ -164,7 +167,7 @@ def evaluate_reply(build_trainer: TrainerBuilder, load_client_data: DataLoader, 
     client_id, trainer = node_trainer(build_trainer, load_client_data, context, order.client_id, order.sizes)
     held_out = trainer.client_eval_datasets[client_id]
     tensors = record_tensors(content["arrays"])
-    kept = KeptStates(context, order.kept).read()
+    kept = KeptStates(context, client_id, order.kept).read()
     scores, personalized = remote_scores(trainer, order.round, client_id, held_out, tensors, kept)
     return eval_result(scores, personalized)
 

@@ -48,11 +48,15 @@ YIELD_IDLE = 300.0  # seconds idle after which a later run's worker ends it (nod
 START_TIMEOUT = 600.0  # seconds a worker may take to import the app and listen
 
 
+def state_dir(context: Context) -> Path:
+    """The node config's `state-dir`, where the SuperNode keeps its files (default: under the system's temporary
+    folder)."""
+    return Path(context.node_config.get("state-dir", Path(tempfile.gettempdir()) / "fed-trainer-nodes"))
+
+
 def node_dir(context: Context) -> Path:
-    """The folder of this SuperNode's files: under the node config's `state-dir` (default: the system's temporary
-    folder), by node."""
-    root = Path(context.node_config.get("state-dir", Path(tempfile.gettempdir()) / "fed-trainer-nodes"))
-    return root / f"node-{context.node_id}"
+    """The folder of this SuperNode's worker files, by node (a node id lasts as long as the SuperNode process)."""
+    return state_dir(context) / f"node-{context.node_id}"
 
 
 def answering_app(reply: Replier) -> ClientApp:
