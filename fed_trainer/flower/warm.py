@@ -55,7 +55,8 @@ def state_dir(context: Context) -> Path:
 
 
 def node_dir(context: Context) -> Path:
-    """The folder of this SuperNode's worker files, by node (a node id lasts as long as the SuperNode process)."""
+    """The folder of this SuperNode's worker files, by node id (a SuperNode restarted without a key gets another;
+    what it keeps for its client is by client: `client_app.KeptStates`)."""
     return state_dir(context) / f"node-{context.node_id}"
 
 
