@@ -289,11 +289,15 @@ def allocated_tensor_bytes():
     """Yields a dict that holds, once the block ends, the bytes of the CPU tensors allocated in the block that are
     still alive (`final`) and the most alive at once (`peak`): the CPU allocator's own count, as torch's profiler
     records it (`profile_memory`), without the process's other memory (Python objects, libraries, the allocator's
-    free pages), as `torch.cuda.max_memory_allocated` counts a GPU's."""
+    free pages), as `torch.cuda.max_memory_allocated` counts a GPU's.
+
+    Garbage left from before the block is collected first: the profiler counts the free of any tensor allocated
+    while it ran before, so a cycle collected inside the block would take its tensors off the block's count."""
     from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     counts: dict[str, int] = {}
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield counts
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
